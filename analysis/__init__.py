@@ -1,0 +1,1 @@
+"""The keepalive model, expectations, verdicts and reports. Pure: no I/O here."""

@@ -1,0 +1,1 @@
+"""kaobs: a packet-level TCP keepalive observer for PostgreSQL."""

@@ -1,0 +1,1 @@
+"""Getting TCP segments: from capture files, live interfaces, Docker discovery."""
