@@ -1,0 +1,435 @@
+"""The keepalive model: a pure, deterministic state machine fed with TCP segments.
+
+One `KeepaliveModel` follows every Postgres connection in a stream of
+`TcpSegment` records, and for each endpoint (server, client) keeps what its
+kernel's keepalive timer could see: the last packet it *accepted* from its
+peer, the probes it sent, which of them were answered, and the abort.
+
+The rules come from ../shared/reference/KEEPALIVE.md (measured on Linux 6.x):
+
+* a keepalive probe is a pure ACK of 0 (Linux) or 1 byte at the prober's next
+  sequence number minus one; the answer is a duplicate ACK from the peer;
+* a zero-window probe has the same shape but happens while the peer
+  advertises window 0 or the prober has data in flight: it is not a keepalive;
+* a probe *received* is out of window: it does not reset the receiver's timer;
+  any other segment the receiver accepts does;
+* after `count` unanswered probes (or once `tcp_user_timeout` has passed) the
+  prober sends RST.
+
+Nothing here knows about expectations or tolerances: the model only records
+what happened, compactly (memory grows with probes and connections, not with
+packets), and `analysis.verdict` judges it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from sniffer.records import ACK, FIN, RST, SYN, TcpSegment
+
+SEQ_MOD = 1 << 32
+SEQ_HALF = 1 << 31
+
+SERVER = "server"
+CLIENT = "client"
+
+
+def seq_diff(a: int, b: int) -> int:
+    """a - b in 32-bit sequence space, as a signed number (handles wraparound)."""
+    d = (a - b) & 0xFFFFFFFF
+    return d - SEQ_MOD if d >= SEQ_HALF else d
+
+
+@dataclass(slots=True)
+class KeepaliveProbe:
+    """A probe-shaped segment one side sent.
+
+    `kind` is "keepalive" or "window" (a zero-window/persist probe, which looks
+    the same on the wire). `since_accepted` is the time of the last packet the
+    prober had accepted from its peer when it sent this probe (None when that
+    happened before the capture began), `series_index` counts the probes sent
+    since that packet, starting at 1. `answer_t` is when the peer's duplicate
+    ACK crossed the capture point; `answer_lost` is decided later, from when
+    the prober probed next.
+    """
+
+    frame: int
+    t: float
+    seq: int
+    kind: str
+    since_accepted: float | None
+    series_index: int
+    answer_t: float | None = None
+    answer_frame: int | None = None
+    answer_lost: bool = False
+
+    @property
+    def answered_on_wire(self) -> bool:
+        return self.answer_t is not None
+
+
+@dataclass(slots=True)
+class Reset:
+    """A RST one side sent, with the keepalive state it was sent in."""
+
+    frame: int
+    t: float
+    since_accepted: float | None
+    unanswered_probes: int
+    after_keepalive: bool
+
+
+@dataclass(slots=True)
+class QuietSpan:
+    """The longest span in which a side accepted nothing and sent no probe.
+
+    Only spans that start with nothing of the side's own in flight count: a
+    side with unacknowledged data runs its retransmission timer, not its
+    keepalive. Kept instead of every accepted packet so memory stays constant.
+    """
+
+    start: float
+    end: float
+
+    @property
+    def length(self) -> float:
+        return self.end - self.start
+
+
+@dataclass(slots=True)
+class Endpoint:
+    """One side of a connection, as its own kernel's keepalive timer sees it."""
+
+    role: str
+    address: str
+    port: int
+    next_seq: int | None = None
+    highest_ack: int | None = None
+    window: int | None = None
+    last_accepted: float | None = None
+    last_data: float | None = None
+    last_sent: float | None = None
+    series_probes: int = 0
+    series_unanswered: int = 0
+    probes: list[KeepaliveProbe] = field(default_factory=list)
+    window_probes: int = 0
+    retransmissions: int = 0
+    segments: int = 0
+    data_segments: int = 0
+    reset: Reset | None = None
+    fin_t: float | None = None
+    longest_quiet: QuietSpan | None = None
+    quiet_clean: bool = True
+    pending_first: TcpSegment | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return format_endpoint(self.address, self.port)
+
+    def keepalive_probes(self) -> list[KeepaliveProbe]:
+        return [p for p in self.probes if p.kind == "keepalive"]
+
+
+@dataclass(slots=True)
+class Connection:
+    """A TCP connection between a Postgres server port and a client."""
+
+    index: int
+    server: Endpoint
+    client: Endpoint
+    start: float
+    end: float
+    first_frame: int
+    saw_syn: bool = False
+    end_reason: str = "open"
+
+    def side(self, role: str) -> Endpoint:
+        return self.server if role == SERVER else self.client
+
+    def peer(self, endpoint: Endpoint) -> Endpoint:
+        return self.client if endpoint is self.server else self.server
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEvent:
+    """Something a live report shows as it happens."""
+
+    kind: str  # "connection", "probe", "answer", "abort", "reset", "fin"
+    t: float
+    connection: Connection
+    side: str
+    probe: KeepaliveProbe | None = None
+    reset: Reset | None = None
+
+
+def format_endpoint(address: str, port: int) -> str:
+    """ip:port, with IPv6 in brackets as in URLs ([::1]:5433)."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+class KeepaliveModel:
+    """Follows Postgres connections segment by segment; see the module docstring.
+
+    `server_ports` says which side is the server. Segments of connections that
+    touch none of those ports are ignored. `on_event`, when given, is called
+    with a `ModelEvent` as probes, answers and aborts are seen (live reports);
+    the model itself never does I/O.
+    """
+
+    def __init__(
+        self,
+        server_ports: Iterable[int] = (5432,),
+        on_event: Callable[[ModelEvent], None] | None = None,
+    ) -> None:
+        self.server_ports = frozenset(server_ports)
+        self.on_event = on_event
+        self.connections: list[Connection] = []
+        self._routes: dict[tuple[str, int, str, int], tuple[Connection, Endpoint, Endpoint]] = {}
+        self.first_t: float | None = None
+        self.last_t: float | None = None
+        self.segments_seen = 0
+        self.segments_ignored = 0
+        self.capture_end: float | None = None
+
+    # -- feeding -------------------------------------------------------------
+
+    def feed_all(self, segments: Iterable[TcpSegment]) -> "KeepaliveModel":
+        feed = self.feed
+        for segment in segments:
+            feed(segment)
+        return self
+
+    def feed(self, seg: TcpSegment) -> None:
+        """Account for one segment; segments must come in capture order."""
+        self.segments_seen += 1
+        t = seg.t
+        if self.first_t is None:
+            self.first_t = t
+        self.last_t = t
+        route = self._routes.get((seg.src, seg.sport, seg.dst, seg.dport))
+        if route is None:
+            route = self._open(seg)
+            if route is None:
+                self.segments_ignored += 1
+                return
+        conn, sender, receiver = route
+        if t > conn.end:
+            conn.end = t
+        sender.segments += 1
+        sender.last_sent = t
+        if receiver.pending_first is not None and seg.flags & ACK:
+            self._resolve_pending(conn, receiver, sender, seg.ack)
+        if sender.pending_first is not None:
+            self._resolve_pending(conn, sender, receiver, seg.seq)
+        if seg.flags & (SYN | FIN | RST):
+            self._control(conn, sender, receiver, seg)
+            return
+        if sender.next_seq is None:
+            if seg.payload_len == 0:
+                # A pure ACK first seen mid-connection may be a probe at
+                # next-1 or an ordinary ACK at next: decided by what follows.
+                sender.pending_first = seg
+                return
+            sender.next_seq = seg.seq
+        self._segment(conn, sender, receiver, seg)
+
+    # -- connection bookkeeping ---------------------------------------------
+
+    def _open(self, seg: TcpSegment) -> tuple[Connection, Endpoint, Endpoint] | None:
+        if seg.dport in self.server_ports:
+            server = Endpoint(SERVER, seg.dst, seg.dport)
+            client = Endpoint(CLIENT, seg.src, seg.sport)
+            sender, receiver = client, server
+        elif seg.sport in self.server_ports:
+            server = Endpoint(SERVER, seg.src, seg.sport)
+            client = Endpoint(CLIENT, seg.dst, seg.dport)
+            sender, receiver = server, client
+        else:
+            return None
+        old = self._routes.get((seg.dst, seg.dport, seg.src, seg.sport))
+        if old is not None:  # pragma: no cover - both directions share routes
+            return old
+        conn = Connection(
+            index=len(self.connections) + 1,
+            server=server,
+            client=client,
+            start=seg.t,
+            end=seg.t,
+            first_frame=seg.frame,
+        )
+        self.connections.append(conn)
+        forward = (conn, sender, receiver)
+        backward = (conn, receiver, sender)
+        self._routes[(seg.src, seg.sport, seg.dst, seg.dport)] = forward
+        self._routes[(seg.dst, seg.dport, seg.src, seg.sport)] = backward
+        self._emit("connection", seg.t, conn, sender.role)
+        return forward
+
+    def _retire(self, conn: Connection) -> None:
+        """Forget a finished connection's routes so a reused port starts afresh."""
+        s, c = conn.server, conn.client
+        for key in ((s.address, s.port, c.address, c.port), (c.address, c.port, s.address, s.port)):
+            route = self._routes.get(key)
+            if route is not None and route[0] is conn:
+                del self._routes[key]
+
+    def _emit(self, kind: str, t: float, conn: Connection, side: str, **extra) -> None:
+        if self.on_event is not None:
+            self.on_event(ModelEvent(kind, t, conn, side, **extra))
+
+    # -- per-segment rules ---------------------------------------------------
+
+    def _resolve_pending(self, conn: Connection, owner: Endpoint, peer: Endpoint, hint: int) -> None:
+        """Replay a side's first pure ACK once the next segment tells where it sat.
+
+        `hint` is the peer's ACK number or the owner's next sequence number: one
+        past the pending segment's seq means the pending one was a probe at
+        next-1; anything else means it was an ordinary ACK at next.
+        """
+        pending = owner.pending_first
+        owner.pending_first = None
+        if pending is None:
+            return
+        if owner.next_seq is None:
+            owner.next_seq = hint if seq_diff(hint, pending.seq) == 1 else pending.seq
+        self._segment(conn, owner, peer, pending)
+
+    def _control(self, conn: Connection, sender: Endpoint, receiver: Endpoint, seg: TcpSegment) -> None:
+        flags = seg.flags
+        t = seg.t
+        if flags & RST:
+            unanswered = sender.series_unanswered
+            last_probe = sender.probes[-1] if sender.probes else None
+            # An answer seen on the wire may never have reached the prober; a
+            # RST right after it says so (judged in analysis.verdict).
+            after_keepalive = last_probe is not None and last_probe.kind == "keepalive" and (
+                sender.series_probes > 0 or sender.last_accepted == last_probe.answer_t
+            )
+            sender.reset = Reset(
+                frame=seg.frame,
+                t=t,
+                since_accepted=sender.last_accepted,
+                unanswered_probes=unanswered,
+                after_keepalive=after_keepalive,
+            )
+            conn.end_reason = "keepalive_abort" if after_keepalive else "reset"
+            conn.end = t
+            self._emit("abort" if after_keepalive else "reset", t, conn, sender.role, reset=sender.reset)
+            self._retire(conn)
+            return
+        if flags & SYN:
+            conn.saw_syn = True
+            sender.next_seq = (seg.seq + 1 + seg.payload_len) & 0xFFFFFFFF
+            if flags & ACK:
+                self._note_ack(sender, receiver, seg.ack)
+                self._accept(receiver, sender, t)
+            sender.window = seg.window
+            return
+        # FIN: it occupies one sequence number and is accepted like data.
+        if sender.next_seq is None:
+            sender.next_seq = seg.seq
+        end = (seg.seq + seg.payload_len + 1) & 0xFFFFFFFF
+        if seq_diff(end, sender.next_seq) > 0:
+            sender.next_seq = end
+        if flags & ACK:
+            self._note_ack(sender, receiver, seg.ack)
+        sender.window = seg.window
+        if sender.fin_t is None:
+            sender.fin_t = t
+            self._emit("fin", t, conn, sender.role)
+        if conn.end_reason == "open":
+            conn.end_reason = "closed"
+        self._accept(receiver, sender, t)
+
+    def _segment(self, conn: Connection, sender: Endpoint, receiver: Endpoint, seg: TcpSegment) -> None:
+        t = seg.t
+        seq = seg.seq
+        payload_len = seg.payload_len
+        next_seq = sender.next_seq
+        if payload_len <= 1 and ((next_seq - seq) & 0xFFFFFFFF) == 1:
+            self._probe(conn, sender, receiver, seg)
+            return
+        if payload_len:
+            end = (seq + payload_len) & 0xFFFFFFFF
+            ahead = seq_diff(end, next_seq)
+            if ahead > 0:
+                sender.next_seq = end
+                sender.data_segments += 1
+                sender.last_data = t
+                sender.quiet_clean = False
+            else:
+                sender.retransmissions += 1
+        if seg.flags & ACK:
+            ack = seg.ack
+            probes = receiver.probes
+            if probes and receiver.series_unanswered and ack == receiver.next_seq:
+                last_probe = probes[-1]
+                if last_probe.answer_t is None and last_probe.kind == "keepalive":
+                    last_probe.answer_t = t
+                    last_probe.answer_frame = seg.frame
+                    self._emit("answer", t, conn, receiver.role, probe=last_probe)
+            self._note_ack(sender, receiver, ack)
+        sender.window = seg.window
+        self._accept(receiver, sender, t)
+
+    def _probe(self, conn: Connection, sender: Endpoint, receiver: Endpoint, seg: TcpSegment) -> None:
+        in_flight = receiver.highest_ack is not None and seq_diff(sender.next_seq, receiver.highest_ack) > 0
+        kind = "window" if receiver.window == 0 or in_flight else "keepalive"
+        sender.series_probes += 1
+        probe = KeepaliveProbe(
+            frame=seg.frame,
+            t=seg.t,
+            seq=seg.seq,
+            kind=kind,
+            since_accepted=sender.last_accepted,
+            series_index=sender.series_probes,
+        )
+        sender.probes.append(probe)
+        if kind == "keepalive":
+            sender.series_unanswered += 1
+        else:
+            sender.window_probes += 1
+        if seg.flags & ACK:
+            self._note_ack(sender, receiver, seg.ack)
+        sender.window = seg.window
+        self._emit("probe", seg.t, conn, sender.role, probe=probe)
+
+    def _note_ack(self, sender: Endpoint, receiver: Endpoint, ack: int) -> None:
+        highest = sender.highest_ack
+        if highest is None or seq_diff(ack, highest) > 0:
+            sender.highest_ack = ack
+            if receiver.next_seq is None or seq_diff(ack, receiver.next_seq) > 0:
+                receiver.next_seq = ack
+
+    def _accept(self, endpoint: Endpoint, peer: Endpoint, t: float) -> None:
+        """The endpoint's kernel accepted a packet: its keepalive timer restarts."""
+        previous = endpoint.last_accepted
+        if previous is not None and endpoint.series_probes == 0 and endpoint.quiet_clean:
+            gap = t - previous
+            quiet = endpoint.longest_quiet
+            if quiet is None or gap > quiet.length:
+                endpoint.longest_quiet = QuietSpan(previous, t)
+        endpoint.last_accepted = t
+        endpoint.series_probes = 0
+        endpoint.series_unanswered = 0
+        # With data of its own unacknowledged the endpoint runs its
+        # retransmission timer, not its keepalive: such a span proves nothing.
+        endpoint.quiet_clean = peer.highest_ack is None or endpoint.next_seq is None or (
+            seq_diff(endpoint.next_seq, peer.highest_ack) <= 0
+        )
+
+    # -- the end -------------------------------------------------------------
+
+    def finish(self, end_t: float | None = None) -> list[Connection]:
+        """Close the books: replay first segments still waiting for a hint."""
+        end = end_t if end_t is not None else self.last_t
+        for conn in self.connections:
+            for endpoint in (conn.server, conn.client):
+                if endpoint.pending_first is not None:
+                    pending = endpoint.pending_first
+                    endpoint.pending_first = None
+                    if endpoint.next_seq is None:
+                        endpoint.next_seq = pending.seq
+                    self._segment(conn, endpoint, conn.peer(endpoint), pending)
+        self.capture_end = end
+        return self.connections
