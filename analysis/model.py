@@ -107,18 +107,15 @@ class Endpoint:
     highest_ack: int | None = None
     window: int | None = None
     last_accepted: float | None = None
-    last_data: float | None = None
-    last_sent: float | None = None
     series_probes: int = 0
     series_unanswered: int = 0
     probes: list[KeepaliveProbe] = field(default_factory=list)
     window_probes: int = 0
     retransmissions: int = 0
-    segments: int = 0
-    data_segments: int = 0
     reset: Reset | None = None
     fin_t: float | None = None
     longest_quiet: QuietSpan | None = None
+    longest_quiet_length: float = 0.5
     quiet_clean: bool = True
     pending_first: TcpSegment | None = None
 
@@ -186,10 +183,13 @@ class KeepaliveModel:
         self.connections: list[Connection] = []
         self._routes: dict[tuple[str, int, str, int], tuple[Connection, Endpoint, Endpoint]] = {}
         self.first_t: float | None = None
-        self.last_t: float | None = None
-        self.segments_seen = 0
         self.segments_ignored = 0
         self.capture_end: float | None = None
+
+    @property
+    def last_t(self) -> float | None:
+        """Time of the last segment of a followed connection (kept per connection, not per segment)."""
+        return max((c.end for c in self.connections), default=self.first_t)
 
     # -- feeding -------------------------------------------------------------
 
@@ -200,23 +200,70 @@ class KeepaliveModel:
         return self
 
     def feed(self, seg: TcpSegment) -> None:
-        """Account for one segment; segments must come in capture order."""
-        self.segments_seen += 1
+        """Account for one segment; segments must come in capture order.
+
+        The common case (an established connection's data or pure ACK) is
+        handled inline: a capture can hold millions of them, and each method
+        call costs as much as the rule itself.
+        """
         t = seg.t
-        if self.first_t is None:
-            self.first_t = t
-        self.last_t = t
         route = self._routes.get((seg.src, seg.sport, seg.dst, seg.dport))
         if route is None:
+            if self.first_t is None:
+                self.first_t = t
             route = self._open(seg)
             if route is None:
                 self.segments_ignored += 1
                 return
         conn, sender, receiver = route
-        if t > conn.end:
-            conn.end = t
-        sender.segments += 1
-        sender.last_sent = t
+        conn.end = t
+        flags = seg.flags
+        next_seq = sender.next_seq
+        if flags & 0x07 or next_seq is None or sender.pending_first is not None or receiver.pending_first is not None:
+            self._uncommon(conn, sender, receiver, seg)
+            return
+        seq = seg.seq
+        payload_len = seg.payload_len
+        if payload_len <= 1 and (next_seq - seq) & 0xFFFFFFFF == 1:
+            self._probe(conn, sender, receiver, seg)
+            return
+        if payload_len:
+            end = (seq + payload_len) & 0xFFFFFFFF
+            if 0 < (end - next_seq) & 0xFFFFFFFF < SEQ_HALF:
+                sender.next_seq = end
+                sender.quiet_clean = False
+            else:
+                sender.retransmissions += 1
+        sender.window = seg.window
+        if flags & ACK:
+            ack = seg.ack
+            receiver_next = receiver.next_seq
+            if receiver.series_unanswered and ack == receiver_next:
+                self._answer(conn, receiver, seg)
+            highest = sender.highest_ack
+            if highest is None or 0 < (ack - highest) & 0xFFFFFFFF < SEQ_HALF:
+                sender.highest_ack = ack
+                if receiver_next is None or 0 < (ack - receiver_next) & 0xFFFFFFFF < SEQ_HALF:
+                    receiver.next_seq = receiver_next = ack
+            clean = ack == receiver_next
+        else:
+            clean = False
+        # The receiver accepted this segment: its keepalive timer restarts.
+        previous = receiver.last_accepted
+        if previous is not None and t - previous > receiver.longest_quiet_length:
+            self._quiet_span(receiver, previous, t)
+        receiver.last_accepted = t
+        if receiver.series_probes:
+            receiver.series_probes = 0
+            receiver.series_unanswered = 0
+        receiver.quiet_clean = clean
+
+    def _uncommon(self, conn: Connection, sender: Endpoint, receiver: Endpoint, seg: TcpSegment) -> None:
+        """Handshake, FIN, RST, and sides first seen mid-connection."""
+        if seg.flags & (SYN | ACK) == SYN and (conn.end_reason != "open" or sender.next_seq is not None):
+            # A new SYN on a used 4-tuple: the port was reused for a new connection.
+            self._retire(conn)
+            conn, sender, receiver = self._open(seg)
         if receiver.pending_first is not None and seg.flags & ACK:
             self._resolve_pending(conn, receiver, sender, seg.ack)
         if sender.pending_first is not None:
@@ -315,7 +362,6 @@ class KeepaliveModel:
             conn.end_reason = "keepalive_abort" if after_keepalive else "reset"
             conn.end = t
             self._emit("abort" if after_keepalive else "reset", t, conn, sender.role, reset=sender.reset)
-            self._retire(conn)
             return
         if flags & SYN:
             conn.saw_syn = True
@@ -342,35 +388,32 @@ class KeepaliveModel:
         self._accept(receiver, sender, t)
 
     def _segment(self, conn: Connection, sender: Endpoint, receiver: Endpoint, seg: TcpSegment) -> None:
+        """A data segment or pure ACK outside the inline path of `feed` (replays)."""
         t = seg.t
-        seq = seg.seq
-        payload_len = seg.payload_len
-        next_seq = sender.next_seq
-        if payload_len <= 1 and ((next_seq - seq) & 0xFFFFFFFF) == 1:
+        if seg.payload_len <= 1 and seq_diff(sender.next_seq, seg.seq) == 1:
             self._probe(conn, sender, receiver, seg)
             return
-        if payload_len:
-            end = (seq + payload_len) & 0xFFFFFFFF
-            ahead = seq_diff(end, next_seq)
-            if ahead > 0:
+        if seg.payload_len:
+            end = (seg.seq + seg.payload_len) & 0xFFFFFFFF
+            if seq_diff(end, sender.next_seq) > 0:
                 sender.next_seq = end
-                sender.data_segments += 1
-                sender.last_data = t
                 sender.quiet_clean = False
             else:
                 sender.retransmissions += 1
-        if seg.flags & ACK:
-            ack = seg.ack
-            probes = receiver.probes
-            if probes and receiver.series_unanswered and ack == receiver.next_seq:
-                last_probe = probes[-1]
-                if last_probe.answer_t is None and last_probe.kind == "keepalive":
-                    last_probe.answer_t = t
-                    last_probe.answer_frame = seg.frame
-                    self._emit("answer", t, conn, receiver.role, probe=last_probe)
-            self._note_ack(sender, receiver, ack)
         sender.window = seg.window
+        if seg.flags & ACK:
+            if receiver.series_unanswered and seg.ack == receiver.next_seq:
+                self._answer(conn, receiver, seg)
+            self._note_ack(sender, receiver, seg.ack)
         self._accept(receiver, sender, t)
+
+    def _answer(self, conn: Connection, prober: Endpoint, seg: TcpSegment) -> None:
+        """The peer acknowledged the prober's next byte again: the probe is answered on the wire."""
+        last_probe = prober.probes[-1]
+        if last_probe.answer_t is None and last_probe.kind == "keepalive":
+            last_probe.answer_t = seg.t
+            last_probe.answer_frame = seg.frame
+            self._emit("answer", seg.t, conn, prober.role, probe=last_probe)
 
     def _probe(self, conn: Connection, sender: Endpoint, receiver: Endpoint, seg: TcpSegment) -> None:
         in_flight = receiver.highest_ack is not None and seq_diff(sender.next_seq, receiver.highest_ack) > 0
@@ -404,19 +447,23 @@ class KeepaliveModel:
     def _accept(self, endpoint: Endpoint, peer: Endpoint, t: float) -> None:
         """The endpoint's kernel accepted a packet: its keepalive timer restarts."""
         previous = endpoint.last_accepted
-        if previous is not None and endpoint.series_probes == 0 and endpoint.quiet_clean:
-            gap = t - previous
-            quiet = endpoint.longest_quiet
-            if quiet is None or gap > quiet.length:
-                endpoint.longest_quiet = QuietSpan(previous, t)
+        if previous is not None and t - previous > endpoint.longest_quiet_length:
+            self._quiet_span(endpoint, previous, t)
         endpoint.last_accepted = t
         endpoint.series_probes = 0
         endpoint.series_unanswered = 0
-        # With data of its own unacknowledged the endpoint runs its
-        # retransmission timer, not its keepalive: such a span proves nothing.
-        endpoint.quiet_clean = peer.highest_ack is None or endpoint.next_seq is None or (
-            seq_diff(endpoint.next_seq, peer.highest_ack) <= 0
-        )
+        endpoint.quiet_clean = endpoint.next_seq is not None and peer.highest_ack == endpoint.next_seq
+
+    @staticmethod
+    def _quiet_span(endpoint: Endpoint, start: float, end: float) -> None:
+        """Keep the longest probe-less span with nothing of the endpoint's own in flight.
+
+        With data of its own unacknowledged the endpoint runs its
+        retransmission timer, not its keepalive: such a span proves nothing.
+        """
+        if endpoint.series_probes == 0 and endpoint.quiet_clean:
+            endpoint.longest_quiet = QuietSpan(start, end)
+            endpoint.longest_quiet_length = end - start
 
     # -- the end -------------------------------------------------------------
 
