@@ -55,9 +55,8 @@ def timer_tolerance(timeout_s: float, hz: int = DEFAULT_HZ) -> Tolerance:
     granularity = wheel_granularity(timeout_s, hz)
     late = granularity + PROCESSING_SLACK_S
     basis = (
-        f"late by <= {_ms(late)} (timer-wheel granularity {_ms(granularity)} for a "
-        f"{timeout_s:g} s timeout at HZ={hz}, plus {_ms(PROCESSING_SLACK_S)}), "
-        f"early by <= {_ms(EARLY_TOLERANCE_S)}"
+        f"allowed -{_ms(EARLY_TOLERANCE_S)}/+{_ms(late)} ({timeout_s:g} s timer: wheel granularity "
+        f"{_ms(granularity)} at HZ={hz}, +{_ms(PROCESSING_SLACK_S)} slack)"
     )
     return Tolerance(early=EARLY_TOLERANCE_S, late=late, basis=basis)
 

@@ -1,0 +1,246 @@
+"""Reports: one JSON document (a stable contract) and a text view for people.
+
+Both are built from `ConnectionReport`s only, so `kaobs analyze` and the final
+report of `kaobs watch` print the same thing. The JSON layout is documented in
+README.md; keys are only ever added, never renamed or removed.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from rich.console import Console
+from rich.padding import Padding
+from rich.table import Table
+from rich.text import Text
+
+from analysis.expect import Expectations, SideExpectation
+from analysis.model import CLIENT, SERVER
+from analysis.verdict import ConnectionReport, SideReport
+
+JSON_FORMAT_VERSION = 1
+TIMELINE_HEAD = 12
+TIMELINE_TAIL = 8
+
+VERDICT_STYLE = {"match": "bold green", "mismatch": "bold red", "unverified": "yellow", "no_keepalive": "dim"}
+STATUS_STYLE = {"match": "green", "mismatch": "bold red", "unobservable": "yellow"}
+
+
+@dataclass(slots=True)
+class AnalysisRun:
+    """Everything a report needs besides the connections."""
+
+    sources: list[str]
+    packets: int = 0
+    segments: int = 0
+    duplicates: int = 0
+    ignored_segments: int = 0
+    capture_start: float | None = None
+    capture_end: float | None = None
+    warnings: list[str] = field(default_factory=list)
+    hz: int = 250
+
+
+def exit_code(reports: Iterable[ConnectionReport]) -> int:
+    """0 when nothing contradicts the expectations, 1 when something does."""
+    return 1 if any(r.verdict == "mismatch" for r in reports) else 0
+
+
+# -- JSON ---------------------------------------------------------------------
+
+
+def to_json(run: AnalysisRun, reports: list[ConnectionReport], expectations: Expectations | None) -> dict[str, Any]:
+    summary = {"connections": len(reports)}
+    for verdict in ("match", "mismatch", "unverified", "no_keepalive"):
+        summary[verdict] = sum(1 for r in reports if r.verdict == verdict)
+    return {
+        "kaobs": {"format": JSON_FORMAT_VERSION},
+        "input": {
+            "sources": run.sources,
+            "packets": run.packets,
+            "tcp_segments": run.segments,
+            "duplicates_dropped": run.duplicates,
+            "ignored_segments": run.ignored_segments,
+            "start": run.capture_start,
+            "end": run.capture_end,
+            "warnings": run.warnings,
+        },
+        "expectations": _expectations_json(expectations),
+        "timer_hz": run.hz,
+        "summary": summary,
+        "connections": [_connection_json(r) for r in reports],
+    }
+
+
+def _expectations_json(expectations: Expectations | None) -> dict[str, Any]:
+    if expectations is None:
+        return {SERVER: None, CLIENT: None}
+    return {SERVER: _side_expectation_json(expectations.server), CLIENT: _side_expectation_json(expectations.client)}
+
+
+def _side_expectation_json(side: SideExpectation) -> dict[str, Any] | None:
+    if not side.judged():
+        return None
+    out: dict[str, Any] = {"enabled": side.enabled}
+    for key in ("idle", "interval", "count", "user_timeout"):
+        setting = getattr(side, key)
+        out[key] = None if setting.value is None else {"value": setting.value, "source": setting.source}
+    return out
+
+
+def _connection_json(report: ConnectionReport) -> dict[str, Any]:
+    conn = report.connection
+    return {
+        "id": conn.index,
+        "client": conn.client.endpoint,
+        "server": conn.server.endpoint,
+        "start": conn.start,
+        "end": conn.end,
+        "end_reason": conn.end_reason,
+        "began_before_capture": not conn.saw_syn,
+        "verdict": report.verdict,
+        "sides": {SERVER: _side_json(report.server), CLIENT: _side_json(report.client)},
+    }
+
+
+def _side_json(side: SideReport) -> dict[str, Any]:
+    endpoint = side.endpoint
+    probes = []
+    for probe in endpoint.probes:
+        keepalive = probe.kind == "keepalive"
+        probes.append(
+            {
+                "frame": probe.frame,
+                "t": probe.t,
+                "kind": probe.kind,
+                "answered": (probe.answer_t is not None and not probe.answer_lost) if keepalive else None,
+                "answer_t": probe.answer_t,
+                "answer_lost": probe.answer_lost if keepalive else None,
+            }
+        )
+    observed = side.observed
+    return {
+        "endpoint": endpoint.endpoint,
+        "keepalive_probes": side.keepalive_probe_count,
+        "answered_probes": side.answered,
+        "lost_answers": len(side.lost_answers),
+        "window_probes": side.window_probe_count,
+        "retransmissions": endpoint.retransmissions,
+        "observed": {
+            "idle": observed.idle,
+            "interval": observed.interval,
+            "count": observed.count,
+            "user_timeout": observed.user_timeout,
+        },
+        "abort": None if side.abort is None else {"t": side.abort.t, "reason": side.abort.reason},
+        "findings": [
+            {"setting": f.setting, "expected": f.expected, "observed": f.observed, "status": f.status, "detail": f.detail}
+            for f in side.findings
+        ],
+        "probes": probes,
+    }
+
+
+# -- text -----------------------------------------------------------------------
+
+
+def render_text(console: Console, run: AnalysisRun, reports: list[ConnectionReport], expectations: Expectations | None) -> None:
+    for warning in run.warnings:
+        console.print(Text(f"warning: {warning}", style="yellow"))
+    if not reports:
+        console.print(f"No Postgres connection in {', '.join(run.sources)} ({run.segments} TCP segments, none on the server port).")
+        return
+    for report in reports:
+        render_connection(console, report, expectations)
+    counts = {v: sum(1 for r in reports if r.verdict == v) for v in VERDICT_STYLE}
+    parts = [f"{n} {v}" for v, n in counts.items() if n]
+    console.print(f"{len(reports)} connection(s): " + ", ".join(parts) + f"  [{run.packets} packets, {run.segments} TCP segments]")
+
+
+def render_connection(console: Console, report: ConnectionReport, expectations: Expectations | None, verbose: bool = False) -> None:
+    conn = report.connection
+    headline = Text()
+    headline.append(f"#{conn.index} ", style="bold")
+    headline.append(f"{conn.client.endpoint} -> {conn.server.endpoint}  ")
+    headline.append(report.verdict.upper(), style=VERDICT_STYLE[report.verdict])
+    headline.append(f"  {_clock(conn.start)} .. {_clock(conn.end)} ({conn.end - conn.start:.3f} s), {_end_words(conn.end_reason)}")
+    if not conn.saw_syn:
+        headline.append("  (began before the capture)", style="dim")
+    console.print(headline)
+    for line in timeline(report):
+        console.print(Text("    " + line))
+    findings = [(side.role, f) for side in (report.server, report.client) for f in side.findings]
+    if findings:
+        table = Table(show_edge=False, pad_edge=False, box=None, padding=(0, 2), show_header=True, header_style="bold")
+        for column in ("side", "setting", "expected", "observed", "status"):
+            table.add_column(column, no_wrap=True)
+        for role, f in findings:
+            table.add_row(role, f.setting, f.expected, f.observed, Text(f.status, style=STATUS_STYLE[f.status]))
+        console.print(Padding(table, (0, 0, 0, 4), expand=False))
+        for role, f in findings:
+            if f.status != "unobservable" or verbose:
+                console.print(Text(f"      {role} {f.setting}: {f.detail}", style="dim" if f.status == "match" else ""))
+    else:
+        for side in (report.server, report.client):
+            o = side.observed
+            if side.probes or side.abort:
+                console.print(
+                    f"    {side.role}: observed idle {_s(o.idle)}, interval {_s(o.interval)}, "
+                    f"count {o.count if o.count is not None else '-'} (no expectation given: not judged)"
+                )
+    console.print()
+
+
+def timeline(report: ConnectionReport) -> list[str]:
+    """Probes, answers and the abort of both sides, in time order, relative to the start."""
+    conn = report.connection
+    t0 = conn.start
+    events: list[tuple[float, str]] = []
+    for side in (report.server, report.client):
+        endpoint = side.endpoint
+        for view in side.probes:
+            probe = view.probe
+            if probe.answer_t is None:
+                answer = "unanswered"
+            elif probe.answer_lost:
+                answer = f"answer at +{probe.answer_t - t0:.3f} s lost before reaching the {side.role}"
+            else:
+                answer = f"answered +{(probe.answer_t - probe.t) * 1000:.2f} ms"
+            since = f", {probe.t - view.anchor:.3f} s after last accepted" if view.anchor is not None and view.index == 1 else ""
+            events.append((probe.t, f"{side.role} keepalive probe #{view.index}{since}: {answer}"))
+        window_probes = [p for p in endpoint.probes if p.kind == "window"]
+        if window_probes:
+            first, last = window_probes[0], window_probes[-1]
+            events.append(
+                (first.t, f"{side.role} zero-window probes x{len(window_probes)} +{first.t - t0:.3f}..+{last.t - t0:.3f} s (persist timer, not keepalive)")
+            )
+        if side.abort is not None:
+            events.append((side.abort.t, f"{side.role} ABORT (RST) after {side.abort.unanswered_probes} unanswered probe(s): {side.abort.reason}"))
+        elif endpoint.reset is not None:
+            events.append((endpoint.reset.t, f"{side.role} RST (not a keepalive abort)"))
+        if endpoint.fin_t is not None:
+            events.append((endpoint.fin_t, f"{side.role} FIN"))
+    events.sort(key=lambda e: e[0])
+    lines = [f"+{t - t0:8.3f} s  {text}" for t, text in events]
+    if len(lines) > TIMELINE_HEAD + TIMELINE_TAIL:
+        hidden = len(lines) - TIMELINE_HEAD - TIMELINE_TAIL
+        lines = lines[:TIMELINE_HEAD] + [f"           ... {hidden} more events (see --format json)"] + lines[-TIMELINE_TAIL:]
+    return lines
+
+
+def _end_words(reason: str) -> str:
+    return {
+        "open": "still open at the end of the capture",
+        "closed": "closed (FIN)",
+        "reset": "reset (RST)",
+        "keepalive_abort": "aborted by keepalive",
+    }.get(reason, reason)
+
+
+def _clock(t: float) -> str:
+    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+
+
+def _s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} s"

@@ -1,0 +1,4 @@
+"""python -m kaobs"""
+from kaobs.cli import entry
+
+entry()

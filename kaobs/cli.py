@@ -1,0 +1,133 @@
+"""The `kaobs` command: a thin layer of options over `sniffer` and `analysis`.
+
+Every user error ends here as one line on stderr and exit code 2; a
+contradiction between the settings and the packets is exit code 1.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Sequence
+
+import click
+from rich.console import Console
+
+from analysis.analyze import judge_all
+from analysis.expect import Expectations, ExpectationError, build_expectations
+from analysis.model import KeepaliveModel
+from analysis.report import AnalysisRun, exit_code, render_text, to_json
+from sniffer.pcapfile import CaptureReader
+from sniffer.records import CaptureError
+
+EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit 2."""
+
+
+def fail(message: str) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+    click.echo(f"kaobs: error: {message}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+def expectation_options(function):
+    """--expect/--client-dsn/--sysctl/--port/--hz, shared by analyze, watch and lab."""
+    options = [
+        click.option("--expect", "expect", multiple=True, metavar="GUC=VALUE",
+                     help="Server setting to check, with Postgres' GUC name and units: tcp_keepalives_idle, "
+                          "tcp_keepalives_interval, tcp_keepalives_count, tcp_user_timeout. Repeatable."),
+        click.option("--client-dsn", metavar="CONNINFO",
+                     help="The client's libpq connection string (key=value or URI); only keepalive parameters are "
+                          "used, the password is never printed."),
+        click.option("--sysctl", "sysctls", multiple=True, metavar="[server:|client:]NAME=N",
+                     help="Kernel defaults used where a setting is 0 or unset, e.g. net.ipv4.tcp_keepalive_time=600."),
+        click.option("--port", "ports", multiple=True, type=click.IntRange(1, 65535), default=(5432,), show_default=True,
+                     help="Server port; says which side is the server. Repeatable."),
+        click.option("--hz", type=click.Choice(["100", "250", "300", "1000"]), default="250", show_default=True,
+                     help="Kernel HZ of the probing hosts: sets the timer-wheel tolerance."),
+        click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text", show_default=True),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def make_expectations(expect: Sequence[str], client_dsn: str | None, sysctls: Sequence[str]) -> Expectations:
+    try:
+        return build_expectations(expect, client_dsn, sysctls)
+    except ExpectationError as error:
+        raise UserError(str(error)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kaobs")
+def main() -> None:
+    """kaobs: watch TCP keepalives of PostgreSQL connections and check them against the settings."""
+
+
+@main.command()
+@click.argument("captures", nargs=-1, required=True, metavar="CAPTURE...")
+@expectation_options
+def analyze(captures: tuple[str, ...], expect, client_dsn, sysctls, ports, hz, output_format) -> None:
+    """Analyze saved pcap/pcapng files (several files are read in order as one capture).
+
+    Exit 0 when nothing contradicts the expectations, 1 when something does,
+    2 for bad usage or unreadable input.
+    """
+    expectations = make_expectations(expect, client_dsn, sysctls)
+    run = AnalysisRun(sources=list(captures), hz=int(hz))
+    err = Console(stderr=True, highlight=False)
+
+    def warn(message: str) -> None:
+        run.warnings.append(message)
+        err.print(f"kaobs: warning: {message}", style="yellow", markup=False)
+
+    model = KeepaliveModel(ports)
+    feed = model.feed
+    for path in captures:
+        try:
+            reader = CaptureReader(path, warn=warn)
+            for segment in reader:
+                feed(segment)
+        except CaptureError as error:
+            raise UserError(str(error)) from None
+        stats = reader.stats
+        run.packets += stats.packets
+        run.segments += stats.segments
+        run.duplicates += stats.duplicates
+    model.finish()
+    run.ignored_segments = model.segments_ignored
+    run.capture_start, run.capture_end = model.first_t, model.last_t
+    reports = judge_all(model, expectations, model.capture_end, run.hz)
+    if output_format == "json":
+        click.echo(json.dumps(to_json(run, reports, expectations), indent=1))
+    else:
+        render_text(Console(highlight=False, width=None if sys.stdout.isatty() else 200), run, reports, expectations)
+    sys.exit(exit_code(reports))
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Entry point: click with usage errors and our own errors folded into one line."""
+    try:
+        main.main(args=list(argv) if argv is not None else None, standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as error:  # pragma: no cover - click >= 8.2
+        click.echo(error.ctx.get_help() if error.ctx else str(error))
+        return EXIT_USAGE
+    except click.UsageError as error:
+        fail(error.format_message().replace("\n", " "))
+    except click.Abort:
+        fail("interrupted")
+    except UserError as error:
+        fail(str(error))
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return EXIT_OK
+
+
+def entry() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Everything kaobs and its test suite need on a fresh Debian 12 machine, as root.
+# Idempotent: a second run installs nothing and reuses the running engine and image.
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+export DEBIAN_FRONTEND=noninteractive
+
+need_apt=()
+for cmd in dockerd:docker.io tcpdump:tcpdump tshark:tshark debootstrap:debootstrap ip:iproute2 iptables:iptables nsenter:util-linux; do
+    command -v "${cmd%%:*}" >/dev/null 2>&1 || need_apt+=("${cmd#*:}")
+done
+if ((${#need_apt[@]})); then
+    echo "setup: installing ${need_apt[*]}" >&2
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+python3 -m pip install -q --disable-pip-version-check -e "$here[test]" 2>&1 | grep -v -e "Running pip as the 'root' user" -e "^WARNING: Location" >&2 || true
+python3 -c "import kaobs.cli, scapy, psycopg, rich, docker" >/dev/null
+
+bash "$here/scripts/start-docker.sh"
+bash "$here/scripts/build-pg-image.sh"

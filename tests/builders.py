@@ -1,0 +1,102 @@
+"""Build TCP conversations segment by segment, with correct seq/ack arithmetic.
+
+Unit tests of the model describe a scenario in the words of KEEPALIVE.md
+("the server probes at 3.05, the client answers") and get the TcpSegments a
+capture of it would hold.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sniffer.records import ACK, FIN, PSH, RST, SYN, TcpSegment
+
+MOD = 1 << 32
+
+
+@dataclass
+class Peer:
+    address: str
+    port: int
+    next_seq: int
+    window: int = 502
+
+
+@dataclass
+class Conversation:
+    client: Peer = field(default_factory=lambda: Peer("10.9.0.2", 41000, 1000))
+    server: Peer = field(default_factory=lambda: Peer("10.9.0.1", 5432, 900000))
+    t0: float = 1_700_000_000.0
+    segments: list[TcpSegment] = field(default_factory=list)
+
+    def _side(self, side: str) -> tuple[Peer, Peer]:
+        return (self.server, self.client) if side == "server" else (self.client, self.server)
+
+    def _emit(self, side: str, t: float, flags: int, seq: int, payload_len: int = 0, window: int | None = None) -> TcpSegment:
+        me, peer = self._side(side)
+        segment = TcpSegment(
+            frame=len(self.segments) + 1,
+            t=self.t0 + t,
+            src=me.address,
+            sport=me.port,
+            dst=peer.address,
+            dport=peer.port,
+            seq=seq % MOD,
+            ack=peer.next_seq % MOD if flags & ACK else 0,
+            flags=flags,
+            window=me.window if window is None else window,
+            payload_len=payload_len,
+        )
+        self.segments.append(segment)
+        return segment
+
+    def handshake(self, t: float = 0.0) -> "Conversation":
+        self._emit("client", t, SYN, self.client.next_seq)
+        self.client.next_seq += 1
+        self._emit("server", t + 0.0001, SYN | ACK, self.server.next_seq)
+        self.server.next_seq += 1
+        self._emit("client", t + 0.0002, ACK, self.client.next_seq)
+        return self
+
+    def data(self, side: str, t: float, length: int = 100) -> "Conversation":
+        me, _ = self._side(side)
+        self._emit(side, t, ACK | PSH, me.next_seq, length)
+        me.next_seq += length
+        return self
+
+    def ack(self, side: str, t: float) -> "Conversation":
+        me, _ = self._side(side)
+        self._emit(side, t, ACK, me.next_seq)
+        return self
+
+    def exchange(self, t: float) -> "Conversation":
+        """A query and its result, acknowledged: the client's last packet is a pure ACK at t+0.002."""
+        return self.data("client", t).data("server", t + 0.001, 300).ack("client", t + 0.002)
+
+    def probe(self, side: str, t: float, *, one_byte: bool = False) -> "Conversation":
+        me, _ = self._side(side)
+        self._emit(side, t, ACK, me.next_seq - 1, 1 if one_byte else 0)
+        return self
+
+    def answer(self, side: str, t: float) -> "Conversation":
+        """The duplicate ACK a peer sends to a probe it received."""
+        return self.ack(side, t)
+
+    def rst(self, side: str, t: float) -> "Conversation":
+        me, _ = self._side(side)
+        self._emit(side, t, RST | ACK, me.next_seq)
+        return self
+
+    def fin(self, side: str, t: float) -> "Conversation":
+        me, _ = self._side(side)
+        self._emit(side, t, FIN | ACK, me.next_seq)
+        me.next_seq += 1
+        return self
+
+    def set_window(self, side: str, window: int) -> "Conversation":
+        me, _ = self._side(side)
+        me.window = window
+        return self
+
+    def send_unacked(self, side: str, t: float, length: int) -> "Conversation":
+        """Data the peer will not acknowledge (it stays in flight)."""
+        return self.data(side, t, length)
