@@ -156,8 +156,8 @@ def _num(value: float | int | None) -> float | None:
 def prober_view(endpoint: Endpoint, settings: TimerSettings, hz: int = DEFAULT_HZ) -> tuple[list[ProberProbe], list[KeepaliveProbe]]:
     """Regroup an endpoint's keepalive probes as its timer saw them; find lost answers."""
     probes = endpoint.keepalive_probes()
-    idle = settings.idle if settings.idle else _estimate_idle(probes)
-    interval = settings.interval if settings.interval else _estimate_interval(probes)
+    idle = settings.idle if settings.idle else estimate_idle(probes)
+    interval = settings.interval if settings.interval else estimate_interval(probes)
     view: list[ProberProbe] = []
     lost: list[KeepaliveProbe] = []
     for i, probe in enumerate(probes):
@@ -201,13 +201,13 @@ def _answer_lost(probe: KeepaliveProbe, next_t: float, idle: float | None, inter
     return timer_tolerance(interval, hz).admits(if_lost, next_t)
 
 
-def _estimate_idle(probes: list[KeepaliveProbe]) -> float | None:
+def estimate_idle(probes: list[KeepaliveProbe]) -> float | None:
     """The smallest delay from an accepted packet to a first probe (timers fire late)."""
     delays = [p.t - p.since_accepted for p in probes if p.series_index == 1 and p.since_accepted is not None]
     return min(delays) if delays else None
 
 
-def _estimate_interval(probes: list[KeepaliveProbe]) -> float | None:
+def estimate_interval(probes: list[KeepaliveProbe]) -> float | None:
     gaps = [
         b.t - a.t
         for a, b in zip(probes, probes[1:])
