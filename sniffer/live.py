@@ -1,0 +1,415 @@
+"""Live capture: TCP segments off one or more interfaces, as packets arrive.
+
+scapy opens the packet sockets (`L2ListenSocket`: AF_PACKET, promiscuous,
+kernel timestamps) and compiles the BPF filter with libpcap; the kernel then
+drops everything but the Postgres ports before a packet is ever copied to us.
+Frames are read raw and parsed by `sniffer.frames` — scapy's per-packet
+dissection costs ~100x more and would lose packets under load.
+
+Design choices, each for a reason:
+
+* Every socket is non-blocking and polled with `select` and a short timeout,
+  so `stop()` (from a signal handler or another thread) or a duration is
+  honoured within about `POLL_S` even when no packet comes.
+* A bigger receive buffer (`SO_RCVBUFFORCE`, root) absorbs bursts while the
+  model or the terminal is busy; what the kernel still dropped is reported
+  from `PACKET_STATISTICS`, never hidden.
+* On loopback every packet is seen twice (outgoing and incoming); the
+  outgoing copy is dropped as libpcap does. Across several interfaces (a
+  bridge and one of its veths) copies of one packet are dropped by header
+  key, as the capture reader does for ``tcpdump -i any`` files. A bridge in
+  promiscuous mode shows a container-to-container packet once.
+* Frame numbers count the packets delivered (after copies are dropped), so
+  frame N in a report is frame N of the pcap written with `write`.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from sniffer.frames import LINKTYPE_ETHERNET, LINKTYPE_RAW, make_dedupe_key, make_frame_parser
+from sniffer.pcapfile import _RecentHeaders
+from sniffer.records import CaptureError, TcpSegment
+
+SOL_PACKET = 263
+PACKET_STATISTICS = 6
+_TPACKET_STATS = struct.Struct("II")  # struct tpacket_stats {unsigned tp_packets, tp_drops}
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+PACKET_OUTGOING = 4
+
+RCVBUF_BYTES = 16 << 20
+"""Room for ~100k header-sized frames: seconds of a busy server while the terminal redraws."""
+POLL_S = 0.1
+"""Longest a blocked read waits before looking at the stop flag again."""
+MAX_FRAME = 65535
+"""Bigger than any frame on a 64k-MTU loopback; GRO'd packets are cut here (headers are what counts)."""
+_DRAIN_BATCH = 512
+"""Frames read from one socket before the others get a turn."""
+
+# ARPHRD_* -> pcap link type of what an AF_PACKET SOCK_RAW socket reads.
+_ARPHRD_LINKTYPE = {
+    1: LINKTYPE_ETHERNET,  # ARPHRD_ETHER
+    772: LINKTYPE_ETHERNET,  # ARPHRD_LOOPBACK: a zeroed Ethernet header
+    65534: LINKTYPE_RAW,  # ARPHRD_NONE: tun, wireguard
+    776: LINKTYPE_RAW,  # ARPHRD_SIT
+    778: LINKTYPE_RAW,  # ARPHRD_IPGRE
+}
+_ARPHRD_LOOPBACK = 772
+
+
+def bpf_filter(ports: Sequence[int], hosts: Sequence[str] = ()) -> str:
+    """The kernel-side filter: TCP on the server ports, optionally to or from the given hosts.
+
+    >>> bpf_filter([5432, 5433], ["172.18.0.2"])
+    '(tcp port 5432 or tcp port 5433) and (host 172.18.0.2)'
+    """
+    unique_ports = list(dict.fromkeys(int(p) for p in ports))
+    if not unique_ports:
+        raise ValueError("at least one port is needed")
+    for port in unique_ports:
+        if not 0 < port < 65536:
+            raise ValueError(f"port out of range: {port}")
+    expression = " or ".join(f"tcp port {p}" for p in unique_ports)
+    unique_hosts = list(dict.fromkeys(hosts))
+    if unique_hosts:
+        for host in unique_hosts:
+            try:
+                socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+            except OSError:
+                raise ValueError(f"not an IP address: {host!r}") from None
+        return f"({expression}) and ({' or '.join(f'host {h}' for h in unique_hosts)})"
+    return f"({expression})" if len(unique_ports) > 1 else expression
+
+
+@dataclass(slots=True)
+class LiveStats:
+    """Counts so far: what the sockets delivered and what the kernel could not."""
+
+    packets: int = 0
+    """Frames read from the sockets (before copies are dropped)."""
+    segments: int = 0
+    """TCP segments delivered to the iterator."""
+    duplicates: int = 0
+    """Copies of one packet seen on a second interface, or loopback's outgoing copy."""
+    kernel_packets: int = 0
+    """Frames the kernel passed the filter (PACKET_STATISTICS tp_packets, drops included)."""
+    drops: int = 0
+    """Frames the kernel dropped because our receive buffer was full."""
+
+
+class _Tap:
+    """One interface's packet socket and what is needed to read it."""
+
+    __slots__ = ("interface", "socket", "fd", "linktype", "loopback", "index")
+
+    def __init__(self, interface: str, sock, linktype: int, loopback: bool, index: int) -> None:
+        self.interface = interface
+        self.socket = sock
+        self.fd = sock.ins.fileno()
+        self.linktype = linktype
+        self.loopback = loopback
+        self.index = index
+
+
+class LiveCapture:
+    """TCP segments of the server ports on live interfaces; a context manager and an iterator.
+
+    ``with LiveCapture(["docker0"], [5432]) as capture: for seg in capture: ...``
+
+    Iteration ends after `stop()` (thread-safe, also from a signal handler) or
+    once `duration` seconds have passed since the capture opened. `read()`
+    gives what arrived within a timeout, for callers that must also act when
+    nothing arrives (alarms, a live view). `hosts` narrows the filter to those
+    addresses. `write` keeps a pcap of the delivered frames, headers only
+    unless `full_packets`. Raises CaptureError with one line for the user when
+    an interface cannot be opened.
+    """
+
+    def __init__(
+        self,
+        interfaces: Sequence[str],
+        ports: Sequence[int],
+        *,
+        write: str | None = None,
+        full_packets: bool = False,
+        hosts: Sequence[str] = (),
+        duration: float | None = None,
+        rcvbuf: int = RCVBUF_BYTES,
+    ) -> None:
+        if not interfaces:
+            raise CaptureError("no interface to capture on")
+        self.interfaces = list(dict.fromkeys(interfaces))
+        self.ports = list(ports)
+        self.hosts = list(hosts)
+        self.filter = bpf_filter(self.ports, self.hosts)
+        self.write_path = write
+        self.full_packets = full_packets
+        self.duration = duration
+        self.rcvbuf = rcvbuf
+        self.linktype: int | None = None
+        self.started: float | None = None
+        self._taps: list[_Tap] = []
+        self._writer = None
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = -1, -1
+        self._stats = LiveStats()
+        self._stats_lock = threading.Lock()
+        self._frame = 0
+        self._recent = _RecentHeaders()
+        self._dedupe = len(self.interfaces) > 1
+        self._parsers: dict[int, object] = {}
+        self._keys: dict[int, object] = {}
+        self._last_flush = 0.0
+
+    # -- opening and closing ---------------------------------------------------
+
+    def open(self) -> "LiveCapture":
+        if self._taps:
+            return self
+        try:
+            for index, interface in enumerate(self.interfaces):
+                self._taps.append(self._open_tap(interface, index))
+            linktypes = {tap.linktype for tap in self._taps}
+            if len(linktypes) > 1 and self.write_path:
+                raise CaptureError(
+                    "cannot write one pcap from interfaces with different link types: "
+                    + ", ".join(f"{t.interface} ({t.linktype})" for t in self._taps))
+            self.linktype = self._taps[0].linktype
+            if self.write_path:
+                from sniffer.pcapwrite import PcapWriter
+
+                try:
+                    self._writer = PcapWriter(self.write_path, self.linktype, MAX_FRAME)
+                except OSError as error:
+                    raise CaptureError(f"cannot write {self.write_path}: {error.strerror or error}") from None
+            self._wake_r, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_r, False)
+            os.set_blocking(self._wake_w, False)
+        except BaseException:
+            self.close()
+            raise
+        self.started = time.time()
+        return self
+
+    def _open_tap(self, interface: str, index: int) -> _Tap:
+        try:
+            from scapy.arch.linux import L2ListenSocket
+        except ImportError as error:  # pragma: no cover - scapy is a dependency
+            raise CaptureError(f"live capture needs scapy: {error}") from None
+        if not _interface_exists(interface):
+            raise CaptureError(f"no such network interface: {interface}")
+        scapy_log = logging.getLogger("scapy.runtime")
+        level = scapy_log.level
+        scapy_log.setLevel(logging.ERROR)  # "Unable to guess type" on lo is noise: we parse frames ourselves
+        try:
+            sock = L2ListenSocket(iface=interface, filter=self.filter, promisc=True)
+        except PermissionError:
+            raise CaptureError(
+                f"capturing on {interface} needs root or CAP_NET_RAW (run kaobs as root)") from None
+        except OSError as error:
+            if error.errno in (errno.EPERM, errno.EACCES):
+                raise CaptureError(
+                    f"capturing on {interface} needs root or CAP_NET_RAW (run kaobs as root)") from None
+            raise CaptureError(f"cannot capture on {interface}: {error.strerror or error}") from None
+        except Exception as error:  # scapy raises its own exception types for filter errors
+            raise CaptureError(f"cannot capture on {interface} with filter {self.filter!r}: {error}") from None
+        finally:
+            scapy_log.setLevel(level)
+        try:
+            try:
+                sock.ins.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.rcvbuf)
+            except OSError:
+                sock.ins.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+            sock.ins.setblocking(False)
+            hatype = sock.ins.getsockname()[3]
+            linktype = _ARPHRD_LINKTYPE.get(hatype)
+            if linktype is None:
+                raise CaptureError(f"cannot capture on {interface}: unsupported hardware type {hatype}")
+            _read_kernel_stats(sock.ins)  # reading resets the counters: start from zero
+        except BaseException:
+            sock.close()
+            raise
+        return _Tap(interface, sock, linktype, hatype == _ARPHRD_LOOPBACK, index)
+
+    def close(self) -> None:
+        """Close the sockets and the pcap (flushed: the file is valid afterwards). Idempotent."""
+        self._stop.set()
+        self._collect_kernel_stats()
+        for tap in self._taps:
+            try:
+                tap.socket.close()
+            except OSError:
+                pass
+        self._taps = []
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            writer.close()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._wake_r = self._wake_w = -1
+
+    def __enter__(self) -> "LiveCapture":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- control -----------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the capture to end; safe from any thread and from a signal handler."""
+        self._stop.set()
+        fd = self._wake_w
+        if fd >= 0:
+            try:
+                os.write(fd, b"x")
+            except OSError:
+                pass
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set() or self._expired()
+
+    def _expired(self) -> bool:
+        return self.duration is not None and self.started is not None and time.time() - self.started >= self.duration
+
+    def stats(self) -> LiveStats:
+        """Counts so far; kernel drops are read from the sockets now."""
+        self._collect_kernel_stats()
+        with self._stats_lock:
+            s = self._stats
+            return LiveStats(s.packets, s.segments, s.duplicates, s.kernel_packets, s.drops)
+
+    def _collect_kernel_stats(self) -> None:
+        with self._stats_lock:
+            for tap in self._taps:
+                packets, drops = _read_kernel_stats(tap.socket.ins)
+                self._stats.kernel_packets += packets
+                self._stats.drops += drops
+
+    # -- reading -----------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[TcpSegment]:
+        if not self._taps:
+            self.open()
+        while not self.stopped:
+            yield from self.read(POLL_S)
+
+    def read(self, timeout: float = POLL_S) -> list[TcpSegment]:
+        """Segments that arrived within `timeout` seconds, in time order; [] when none or stopped.
+
+        Returns as soon as something was read, or when stopped.
+        """
+        if not self._taps:
+            self.open()
+        if self._stop.is_set():
+            return []
+        if self.duration is not None and self.started is not None:
+            timeout = max(0.0, min(timeout, self.started + self.duration - time.time()))
+        fds = [tap.fd for tap in self._taps]
+        try:
+            ready, _, _ = select.select(fds + [self._wake_r], [], [], timeout)
+        except (OSError, ValueError):  # closed under us by close() from another thread
+            return []
+        if self._wake_r in ready:
+            try:
+                os.read(self._wake_r, 64)
+            except OSError:
+                pass
+        batch: list[TcpSegment] = []
+        for tap in self._taps:
+            if tap.fd in ready:
+                self._drain(tap, batch)
+        if len(self._taps) > 1 and len(batch) > 1:
+            batch.sort(key=_segment_time)
+        if self._writer is not None and time.monotonic() - self._last_flush > 0.5:
+            self._writer.flush()
+            self._last_flush = time.monotonic()
+        return batch
+
+    def _drain(self, tap: _Tap, batch: list[TcpSegment]) -> None:
+        """Read what is queued on one socket, up to a batch, parsing frames as they come."""
+        recv = tap.socket._recv_raw  # (frame, sockaddr_ll, kernel timestamp), unlike recv_raw() which drops the sockaddr
+        ins = tap.socket.ins
+        parse = self._parser(tap.linktype)
+        key_of = self._keys.get(tap.linktype) if self._dedupe else None
+        if self._dedupe and key_of is None:
+            key_of = self._keys[tap.linktype] = make_dedupe_key(tap.linktype)
+        writer = self._writer
+        full = self.full_packets
+        stats = self._stats
+        for _ in range(_DRAIN_BATCH):
+            try:
+                data, sa_ll, t = recv(ins, MAX_FRAME)
+            except BlockingIOError:
+                return
+            except OSError as error:
+                if error.errno in (errno.EAGAIN, errno.EINTR):
+                    return
+                if error.errno == errno.ENETDOWN:  # interface went away (container stopped)
+                    return
+                raise
+            if not data:
+                return
+            stats.packets += 1
+            if tap.loopback and sa_ll[2] == PACKET_OUTGOING:
+                stats.duplicates += 1
+                continue
+            if t is None:
+                t = time.time()
+            if key_of is not None:
+                key = key_of(data, 0, len(data))
+                if key is not None and self._recent.is_copy(key[0], tap.index, t):
+                    stats.duplicates += 1
+                    continue
+            self._frame += 1
+            if writer is not None:
+                writer.write(data, t, wirelen=len(data), full=full)
+            segment = parse(data, self._frame, t)
+            if segment is not None:
+                stats.segments += 1
+                batch.append(segment)
+
+    def _parser(self, linktype: int):
+        parse = self._parsers.get(linktype)
+        if parse is None:
+            parse = self._parsers[linktype] = make_frame_parser(linktype)
+        return parse
+
+
+def _segment_time(segment: TcpSegment) -> float:
+    return segment.t
+
+
+def _read_kernel_stats(sock: socket.socket) -> tuple[int, int]:
+    """(packets, drops) since the last read: the kernel resets the counters on every read."""
+    try:
+        raw = sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _TPACKET_STATS.size)
+    except OSError:
+        return 0, 0
+    return _TPACKET_STATS.unpack(raw)
+
+
+def _interface_exists(name: str) -> bool:
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
+
+
+def interface_names() -> list[str]:
+    """Network interfaces of this namespace, for error messages."""
+    return [name for _, name in socket.if_nameindex()]
