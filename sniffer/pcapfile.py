@@ -118,6 +118,8 @@ def _sniff(head: bytes, name: str) -> str:
         if len(head) < 12:
             raise CaptureError(f"{name}: capture is cut off inside its section header")
         if head[8:12] in _BYTE_ORDER_MAGIC:
+            if len(head) < _MIN_BLOCK[_PCAPNG_SHB]:
+                raise CaptureError(f"{name}: capture is cut off inside its section header")
             return "pcapng"
     hint = " (gzip-compressed? decompress it first)" if head[:2] == b"\x1f\x8b" else ""
     raise CaptureError(

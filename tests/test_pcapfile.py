@@ -443,6 +443,7 @@ def test_errors_are_one_line_capture_errors(tmp_path):
         "ieee80211 in pcapng": (write(tmp_path, "wifi.pcapng", shb() + idb(105)), "105"),
         "cut pcap header": (write(tmp_path, "short.pcap", good[:20]), "file header"),
         "cut pcapng header": (write(tmp_path, "short.pcapng", shb()[:10]), "section header"),
+        "pcapng cut after the byte-order magic": (write(tmp_path, "short2.pcapng", shb()[:20]), "section header"),
         "pcapng without byte-order magic": (write(tmp_path, "bad.pcapng", b"\x0a\x0d\x0d\x0a" + bytes(24)), "not a pcap"),
     }
     for what, (path, needle) in cases.items():
