@@ -107,6 +107,11 @@ def analyze(captures: tuple[str, ...], expect, client_dsn, sysctls, ports, hz, o
     sys.exit(exit_code(reports))
 
 
+from kaobs.watch import watch as _watch  # noqa: E402 - after the helpers kaobs.watch imports from here
+
+main.add_command(_watch)
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Entry point: click with usage errors and our own errors folded into one line."""
     try:

@@ -94,11 +94,11 @@ class LiveStats:
     """Counts so far: what the sockets delivered and what the kernel could not."""
 
     packets: int = 0
-    """Frames read from the sockets (before copies are dropped)."""
+    """Frames read from the sockets, copies on a second interface included."""
     segments: int = 0
     """TCP segments delivered to the iterator."""
     duplicates: int = 0
-    """Copies of one packet seen on a second interface, or loopback's outgoing copy."""
+    """Copies of one packet seen on a second interface (loopback's outgoing copies are not even counted)."""
     kernel_packets: int = 0
     """Frames the kernel passed the filter (PACKET_STATISTICS tp_packets, drops included)."""
     drops: int = 0
@@ -363,10 +363,9 @@ class LiveCapture:
                 raise
             if not data:
                 return
-            stats.packets += 1
             if tap.loopback and sa_ll[2] == PACKET_OUTGOING:
-                stats.duplicates += 1
-                continue
+                continue  # loopback shows each packet leaving and arriving: keep one, as libpcap does
+            stats.packets += 1
             if t is None:
                 t = time.time()
             if key_of is not None:

@@ -1,0 +1,236 @@
+"""`kaobs watch`: the keepalive model on live traffic, with alarms, until Ctrl-C or --duration.
+
+`run_live` is the reusable pipeline (the lab uses it too): packets from a
+`LiveCapture` are fed to the model as they arrive, `LiveMonitor` alarms are
+checked several times a second, and the live view is drawn — a rich table on
+a terminal, one plain line per event otherwise, nothing on stdout with
+``--format json`` (alarms then go to stderr). When it ends (duration, the
+`stop` event, Ctrl-C) it returns the same `AnalysisRun` and reports that
+`kaobs analyze` prints, so the final report and exit codes are the same.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Callable, Sequence
+
+import click
+from rich.console import Console
+from rich.live import Live
+
+from analysis.analyze import judge_all
+from analysis.expect import Expectations
+from analysis.live import LiveMonitor
+from analysis.live_view import LiveHeader, alarm_line, event_line, live_view
+from analysis.model import KeepaliveModel, ModelEvent
+from analysis.report import AnalysisRun, render_text, to_json, exit_code
+from analysis.verdict import ConnectionReport
+from sniffer.live import LiveCapture
+from sniffer.records import CaptureError
+
+ALARM_CHECK_S = 0.25
+"""How often alarms are looked for: well under the 1 s grace LiveMonitor allows."""
+VIEW_REFRESH_S = 0.5
+"""How often the terminal table is rebuilt (each rebuild judges the shown connections)."""
+
+
+def run_live(
+    capture: LiveCapture,
+    *,
+    expectations: Expectations | None,
+    ports: Sequence[int],
+    hz: int,
+    output_format: str,
+    duration: float | None,
+    stop: threading.Event,
+    console: Console | None = None,
+    title: str = "",
+) -> tuple[AnalysisRun, list[ConnectionReport]]:
+    """Feed the model from `capture` until `duration`, `stop`, or Ctrl-C; return the final run and reports.
+
+    `output_format` "json" shows nothing live on `console` (alarms go to
+    stderr); "text" shows a rich live table when the console is a terminal and
+    one line per event when it is not. The capture is opened if it is not
+    yet, and left open: the caller closes it (which finishes its pcap).
+    """
+    console = console or Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+    err = Console(stderr=True, highlight=False)
+    capture.open()
+    started = capture.started or time.time()
+    deadline = None if duration is None else started + duration
+    events: list[ModelEvent] = []
+    model = KeepaliveModel(ports, on_event=events.append)
+    monitor = LiveMonitor(model, expectations, hz)
+    header = LiveHeader(title=title, interfaces=capture.interfaces, filter=capture.filter, started=started)
+    mode = "json" if output_format == "json" else ("table" if console.is_terminal else "lines")
+
+    def say(line: str, alarm: bool = False) -> None:
+        if mode == "lines":
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+        elif mode == "table":
+            header.recent.append(line)
+            del header.recent[:-50]
+            if alarm:
+                console.print(line, style="bold red", markup=False, highlight=False, soft_wrap=True)
+        elif alarm:
+            err.print(f"kaobs: {line}", style="bold red", markup=False, highlight=False, soft_wrap=True)
+
+    if mode == "lines":
+        what = f"{title}: " if title else ""
+        say(f"{what}watching {', '.join(capture.interfaces)} [{capture.filter}]"
+            + (f" for {duration:g} s" if duration is not None else " until Ctrl-C"))
+    live: Live | None = None
+    if mode == "table":
+        live = Live(console=console, refresh_per_second=4, transient=False, auto_refresh=True)
+        live.start()
+    last_alarm_check = last_view = 0.0
+    try:
+        while not stop.is_set():
+            now = time.time()
+            if deadline is not None and now >= deadline:
+                break
+            wait = 0.1 if deadline is None else max(0.0, min(0.1, deadline - now))
+            feed = model.feed
+            for segment in capture.read(wait):
+                feed(segment)
+            if events:
+                for event in events:
+                    line = event_line(event)
+                    if line is not None:
+                        say(line)
+                events.clear()
+            now = time.time()
+            if now - last_alarm_check >= ALARM_CHECK_S:
+                last_alarm_check = now
+                for alarm in monitor.alarms(now):
+                    say(alarm_line(alarm, now), alarm=True)
+            if live is not None and now - last_view >= VIEW_REFRESH_S:
+                last_view = now
+                stats = capture.stats()
+                header.packets, header.segments, header.drops = stats.packets - stats.duplicates, stats.segments, stats.drops
+                live.update(live_view(header, model, monitor, expectations, now, hz))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if live is not None:
+            live.stop()
+    end = time.time()
+    model.finish(end)
+    stats = capture.stats()
+    run = AnalysisRun(sources=[f"live:{name}" for name in capture.interfaces], hz=hz)
+    run.packets = stats.packets
+    run.segments = stats.segments
+    run.duplicates = stats.duplicates
+    run.ignored_segments = model.segments_ignored
+    run.capture_start = started
+    run.capture_end = end
+    if stats.drops:
+        run.warnings.append(
+            f"the kernel dropped {stats.drops} of {stats.kernel_packets} packets (receive buffer full): "
+            "probes may be missing from this report")
+    if mode == "lines":
+        say(f"{wall_clock_now(end)} stopped after {end - started:.1f} s: {stats.packets - stats.duplicates} packets, "
+            f"{stats.segments} TCP segments, {len(model.connections)} connection(s)")
+    reports = judge_all(model, expectations, end, hz)
+    return run, reports
+
+
+def wall_clock_now(t: float) -> str:
+    from analysis.live_view import wall_clock
+
+    return wall_clock(t)
+
+
+# -- the command -----------------------------------------------------------------
+
+
+def install_stop_handlers(stop: threading.Event, on_stop: Callable[[], None] | None = None) -> Callable[[], None]:
+    """SIGTERM and SIGINT set `stop` (a second Ctrl-C interrupts for real); returns a function restoring the old handlers.
+
+    Only possible in the main thread; elsewhere nothing is installed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        if signum == signal.SIGINT and stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        if on_stop is not None:
+            on_stop()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore
+
+
+def _register() -> click.Command:
+    from kaobs.cli import UserError, expectation_options, make_expectations
+
+    @click.command()
+    @click.option("--interface", "-i", "interfaces", multiple=True, metavar="IF",
+                  help="Capture on this interface (repeatable): a Docker bridge, a veth, lo, eth0.")
+    @click.option("--container", metavar="NAME",
+                  help="Capture the traffic of this Docker container (its bridge, filtered on its address).")
+    @click.option("--network", metavar="NAME", help="Capture on this Docker network's bridge.")
+    @expectation_options
+    @click.option("--duration", type=click.FloatRange(min=0.1), metavar="S",
+                  help="Stop after S seconds (default: until Ctrl-C or SIGTERM).")
+    @click.option("--write", "write_path", metavar="FILE.pcap", type=click.Path(dir_okay=False),
+                  help="Keep the capture in a pcap file: headers only unless --full-packets.")
+    @click.option("--full-packets", is_flag=True, help="With --write, keep whole packets (query text, passwords!).")
+    def watch(interfaces, container, network, expect, client_dsn, sysctls, ports, hz, output_format,
+              duration, write_path, full_packets) -> None:
+        """Watch live Postgres traffic: probes, answers, aborts and alarms as they happen, then the report.
+
+        Without --interface/--container/--network, captures on the Docker
+        bridges of running containers that listen on the Postgres port.
+        Exit 0 when nothing contradicts the expectations, 1 when something
+        does, 2 for bad usage or when capture is impossible.
+        """
+        from sniffer.discovery import DiscoveryError, find_target
+
+        expectations = make_expectations(expect, client_dsn, sysctls)
+        if full_packets and not write_path:
+            raise UserError("--full-packets only makes sense with --write FILE.pcap")
+        if os.geteuid() != 0:
+            raise UserError("live capture needs root (CAP_NET_RAW): run kaobs watch as root, or analyze a capture file")
+        try:
+            target = find_target(interfaces=interfaces, container=container, network=network, ports=ports)
+        except DiscoveryError as error:
+            raise UserError(str(error)) from None
+        stop = threading.Event()
+        capture = LiveCapture(target.interfaces, ports, write=write_path, full_packets=full_packets, hosts=target.hosts)
+        restore = install_stop_handlers(stop, capture.stop)
+        console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+        try:
+            with capture:
+                run, reports = run_live(
+                    capture, expectations=expectations, ports=ports, hz=int(hz), output_format=output_format,
+                    duration=duration, stop=stop, console=console, title=target.description)
+        except CaptureError as error:
+            raise UserError(str(error)) from None
+        finally:
+            restore()
+        if output_format == "json":
+            click.echo(json.dumps(to_json(run, reports, expectations), indent=1))
+        else:
+            if not console.is_terminal:
+                console.print()
+            render_text(console, run, reports, expectations)
+            if write_path:
+                console.print(f"capture written to {write_path} ({'whole packets' if full_packets else 'headers only'})")
+        sys.exit(exit_code(reports))
+
+    return watch
+
+
+watch = _register()
