@@ -1,0 +1,393 @@
+"""Reading the Postgres server with psycopg: settings, sessions, and whether a backend is gone.
+
+The I/O edge of `analysis.pgmeta`: everything here connects, queries or
+reads files and hands plain records to the pure code there.
+
+The monitoring account needs no superuser rights, only
+
+    CREATE ROLE monitor LOGIN PASSWORD '...';
+    GRANT pg_read_all_settings, pg_read_all_stats TO monitor;
+
+(pg_read_all_settings: every row of pg_settings with its source file;
+pg_read_all_stats: client address, port and state of other roles' sessions
+in pg_stat_activity).  Every failure to reach or read the server becomes a
+:class:`PostgresError` with one line that never contains the password.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+from analysis.expect import ExpectationError, Expectations, KernelDefaults, parse_conninfo, parse_sysctls, redact_dsn
+from analysis.pgmeta import (
+    GUCS,
+    Backend,
+    BackendTracker,
+    GucReading,
+    KernelReading,
+    PostgresView,
+    ServerInfo,
+    abort_checks,
+    match_connections,
+    normalize_address,
+    server_expectation,
+    session_notes,
+    unix_socket_reason,
+)
+from analysis.verdict import ConnectionReport
+
+DEFAULT_CONNECT_TIMEOUT_S = 5
+MONITOR_ROLES = ("pg_read_all_settings", "pg_read_all_stats")
+SYSCTL_FILES = {
+    "keepalive_time": "/proc/sys/net/ipv4/tcp_keepalive_time",
+    "keepalive_intvl": "/proc/sys/net/ipv4/tcp_keepalive_intvl",
+    "keepalive_probes": "/proc/sys/net/ipv4/tcp_keepalive_probes",
+}
+_SECRET_KEYS = ("password", "sslpassword")
+
+
+class PostgresError(Exception):
+    """The server could not be reached or read: one line, no password."""
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def explain_connect_error(message: str, target: str, timeout: float | None) -> str:
+    """libpq's error for a failed connection, as one line that says what to do.
+
+    `target` is the redacted DSN.  Recognised: authentication (wrong or
+    missing password, no pg_hba.conf entry), refused, timeout, unknown
+    host, missing role or database.
+    """
+    text = _one_line(message).removeprefix("connection failed: ")
+    lowered = text.lower()
+    where = re.search(r'connection to server at "([^"]+)"(?: \([^)]*\))?, port (\d+)', text)
+    at = f" at {where.group(1)}:{where.group(2)}" if where else ""
+    reason = re.sub(r"^.*? failed: (FATAL: )?", "", text).strip()
+    if "password authentication failed" in lowered or "authentication failed" in lowered:
+        what = f"authentication failed{at}: {reason} (check the password, ~/.pgpass or PGPASSWORD)"
+    elif "no password supplied" in lowered:
+        what = f"the server{at} asks for a password and none was given (password=, PGPASSWORD or ~/.pgpass)"
+    elif "no pg_hba.conf entry" in lowered:
+        what = f"refused by pg_hba.conf{at}: {reason} (add a host line for the monitoring account)"
+    elif "connection refused" in lowered:
+        what = f"connection refused{at}: no server listening there"
+    elif "timeout expired" in lowered or "timed out" in lowered:
+        after = f" within {timeout:g} s" if timeout else ""
+        what = f"no answer{at}{after} (connect_timeout): the host is unreachable or a firewall drops the packets"
+    elif "resolve host" in lowered or "translate host name" in lowered:
+        what = f"unknown host: {reason}"
+    else:
+        what = reason or text
+    return f"--dsn {target}: {what}; the packet analysis ran without the database"
+
+
+def _scrub(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        if secret and len(secret) >= 2:
+            text = text.replace(secret, "***")
+    return text
+
+
+@dataclass
+class PostgresSource:
+    """One monitoring connection to the server, over TCP only.
+
+    ``connect_timeout`` applies when the DSN and PGCONNECT_TIMEOUT do not
+    set one; ``application_name`` is ``kaobs`` unless the DSN names one.
+    """
+
+    dsn: str
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S
+    redacted: str = ""
+    _conn: object | None = field(default=None, repr=False)
+    _secrets: tuple[str, ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        self.redacted = redact_dsn(self.dsn)
+
+    # -- connecting ----------------------------------------------------------
+
+    def _params(self) -> dict[str, str]:
+        try:
+            parse_conninfo(self.dsn)  # our parser first: its errors never show a value
+        except ExpectationError as error:
+            raise PostgresError(str(error).replace("--client-dsn", "--dsn")) from None
+        try:
+            from psycopg.conninfo import conninfo_to_dict
+
+            params = {k: str(v) for k, v in conninfo_to_dict(self.dsn).items() if v is not None}
+        except Exception:  # noqa: BLE001 - libpq's message may quote a piece of a password
+            raise PostgresError(f"--dsn {self.redacted}: libpq cannot parse this connection string") from None
+        self._secrets = tuple(params[k] for k in _SECRET_KEYS if params.get(k))
+        return params
+
+    def connect(self) -> "PostgresSource":
+        """Connect (refusing a Unix socket before and after); raises PostgresError."""
+        import psycopg
+
+        params = self._params()
+        env_host = os.environ.get("PGHOST") if not os.environ.get("PGHOSTADDR") else "tcp"
+        unix = unix_socket_reason(params, env_host)
+        if unix is not None:
+            raise PostgresError(f"--dsn {self.redacted}: {unix}")
+        extra: dict[str, object] = {"autocommit": True}
+        timeout = params.get("connect_timeout") or os.environ.get("PGCONNECT_TIMEOUT")
+        if not timeout:
+            extra["connect_timeout"] = int(self.connect_timeout)
+        if "application_name" not in params:
+            extra["application_name"] = "kaobs"
+        try:
+            effective_timeout = float(timeout) if timeout else float(self.connect_timeout)
+        except ValueError:
+            effective_timeout = None
+        try:
+            self._conn = psycopg.connect(self.dsn, **extra)
+        except psycopg.Error as error:
+            raise PostgresError(_scrub(explain_connect_error(str(error), self.redacted, effective_timeout),
+                                       self._secrets)) from None
+        except OSError as error:
+            raise PostgresError(_scrub(f"--dsn {self.redacted}: {_one_line(str(error))}; the packet analysis ran "
+                                       "without the database", self._secrets)) from None
+        address = self._one("SELECT host(inet_server_addr())")
+        if address is None:
+            self.close()
+            raise PostgresError(f"--dsn {self.redacted}: the session runs over a Unix socket (inet_server_addr() is "
+                                "NULL), where Postgres reports 0 for every keepalive setting (they apply to TCP "
+                                "sessions only), which says nothing about TCP sessions; give the server's TCP address")
+        return self
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()  # type: ignore[attr-defined]
+            finally:
+                self._conn = None
+
+    def __enter__(self) -> "PostgresSource":
+        return self.connect() if self._conn is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
+        import psycopg
+
+        if self._conn is None:
+            raise PostgresError(f"--dsn {self.redacted}: not connected")
+        try:
+            with self._conn.cursor() as cursor:  # type: ignore[attr-defined]
+                cursor.execute(sql, params)
+                return list(cursor.fetchall())
+        except psycopg.Error as error:
+            raise PostgresError(_scrub(f"--dsn {self.redacted}: {_one_line(str(error))}", self._secrets)) from None
+
+    def _one(self, sql: str, params: Sequence[object] = ()) -> object:
+        rows = self._query(sql, params)
+        return rows[0][0] if rows else None
+
+    # -- reading ----------------------------------------------------------------
+
+    def server_info(self) -> ServerInfo:
+        address, port, version, pid, now = self._query(
+            "SELECT host(inet_server_addr()), inet_server_port(), current_setting('server_version'), "
+            "pg_backend_pid(), extract(epoch from clock_timestamp())::float8")[0]
+        missing = tuple(
+            role for role, has in self._query(
+                "SELECT r, pg_has_role(current_user, r, 'USAGE') FROM unnest(%s::text[]) AS r", (list(MONITOR_ROLES),))
+            if not has)
+        return ServerInfo(address, port, version, pid, float(now), missing)
+
+    def read_settings(self) -> list[GucReading]:
+        """The keepalive GUCs from pg_settings: reset_val (server-wide), setting (this TCP session), source."""
+        rows = self._query(
+            "SELECT name, reset_val, setting, source, sourcefile, sourceline FROM pg_settings "
+            "WHERE name = ANY(%s) ORDER BY name", (list(GUCS),))
+        readings = []
+        for name, reset_val, setting, source, sourcefile, sourceline in rows:
+            readings.append(GucReading(name, int(reset_val), int(setting) if setting is not None else None, source,
+                                       sourcefile, sourceline))
+        return readings
+
+    def poll_backends(self) -> list[Backend]:
+        """Client backends in pg_stat_activity, the monitoring session included (matching leaves it out)."""
+        rows = self._query(
+            "SELECT pid, usename, datname, application_name, host(client_addr), client_hostname, client_port, "
+            "extract(epoch from backend_start)::float8, state, extract(epoch from state_change)::float8, "
+            "ARRAY(SELECT g FROM unnest(%s::text[]) AS g WHERE position(g in lower(coalesce(query, ''))) > 0), "
+            "query = '<insufficient privilege>' "
+            "FROM pg_stat_activity WHERE backend_type = 'client backend'", (list(GUCS),))
+        return [Backend(pid, user, db, app, addr, hostname, port, start, state, change, tuple(mentions or ()),
+                        bool(hidden))
+                for pid, user, db, app, addr, hostname, port, start, state, change, mentions, hidden in rows]
+
+    def backend_alive(self, pid: int) -> bool:
+        return bool(self._one("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)))
+
+    def confirm_dead(self, pid: int, timeout: float = 5.0, poll: float = 0.2,
+                     clock: Callable[[], float] = time.monotonic) -> tuple[bool, float]:
+        """Poll until backend `pid` is gone from pg_stat_activity or `timeout` passes: (gone, seconds waited).
+
+        Bounded: at most timeout/poll + 1 queries.  A backend exits as soon as
+        it reads the error from its aborted socket, which is at once when it
+        is idle and only after its query when busy.
+        """
+        start = clock()
+        while True:
+            if not self.backend_alive(pid):
+                return True, clock() - start
+            if clock() - start >= timeout:
+                return False, clock() - start
+            time.sleep(poll)
+
+    def now(self) -> float:
+        return float(self._one("SELECT extract(epoch from clock_timestamp())::float8"))
+
+
+# -- kernel defaults of the server's namespace -----------------------------------------
+
+
+def read_container_kernel(container: str) -> KernelReading:
+    """The keepalive sysctls of a Docker container's network namespace (docker exec cat /proc/sys/...)."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=15)
+        target = client.containers.get(container)
+        result = target.exec_run(["cat", *SYSCTL_FILES.values()])
+    except Exception as error:  # noqa: BLE001 - docker raises many kinds; one line for the user
+        raise PostgresError(f"--container {container}: cannot read its sysctls: {_one_line(str(error))[:200]}") from None
+    output = result.output.decode(errors="replace").split() if result.output else []
+    if result.exit_code != 0 or len(output) != len(SYSCTL_FILES) or not all(v.isdigit() for v in output):
+        raise PostgresError(f"--container {container}: cannot read {', '.join(SYSCTL_FILES.values())} in it")
+    values = {name: int(v) for name, v in zip(SYSCTL_FILES, output)}
+    return KernelReading(values, f"container {container}'s network namespace")
+
+
+def read_local_kernel() -> KernelReading | None:
+    values = {}
+    for name, path in SYSCTL_FILES.items():
+        try:
+            with open(path) as handle:
+                values[name] = int(handle.read().strip())
+        except (OSError, ValueError):
+            return None
+    return KernelReading(values, "this host's /proc/sys (the server address is local)")
+
+
+def is_local_address(address: str | None) -> bool:
+    """Is `address` one of this network namespace's own addresses? (bind test, sends nothing)"""
+    address = normalize_address(address)
+    if not address:
+        return False
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((address, 0))
+        return True
+    except OSError:
+        return False
+
+
+# -- what `kaobs analyze --dsn` does ------------------------------------------------------
+
+
+@dataclass
+class ServerSnapshot:
+    """One reading of the server for `kaobs analyze`: settings now, sessions now."""
+
+    view: PostgresView
+    expectations: Expectations
+    backends: list[Backend] | None = None
+
+    def annotate(self, reports: Sequence[ConnectionReport]) -> PostgresView:
+        """Name the connections, add per-session notes and the dead-backend checks to the view."""
+        view = self.view
+        if self.backends is None:
+            return view
+        connections = [r.connection for r in reports]
+        view.connections = match_connections(connections, self.backends, view.server)
+        for index, notes in session_notes(reports, self.expectations.server, view.connections).items():
+            view.connections[index].notes.extend(notes)
+        checked = view.server.read_at if view.server is not None else None
+        for index, check in abort_checks(reports, self.backends, checked).items():
+            view.connections[index].after_abort = check
+        return view
+
+
+def read_server(
+    dsn: str,
+    expectations: Expectations,
+    sysctls: Sequence[str] = (),
+    container: str | None = None,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+) -> ServerSnapshot:
+    """Connect, read settings and sessions, and close; the server side of `expectations` comes from the server.
+
+    Raises PostgresError (one line) when the server cannot be reached or read;
+    the caller still runs the packet analysis.
+    """
+    source = PostgresSource(dsn, connect_timeout=connect_timeout)
+    view = PostgresView(dsn=source.redacted)
+    user_kernel, _ = parse_sysctls(sysctls) if sysctls else (KernelDefaults(), None)
+    container_kernel = read_container_kernel(container) if container else None
+    with source:
+        server = source.server_info()
+        readings = source.read_settings()
+        backends = source.poll_backends()
+    view.server, view.settings, view.backends = server, readings, backends
+    for role in server.missing_roles:
+        view.warnings.append(f"the monitoring role is not a member of {role}: "
+                             + ("some settings may be hidden" if role == "pg_read_all_settings"
+                                else "other roles' sessions show no client address (GRANT pg_read_all_stats)"))
+    local = read_local_kernel() if container is None and is_local_address(server.address) else None
+    side, lines, warnings = server_expectation(readings, expectations.server, user_kernel, container_kernel, local)
+    view.setting_lines, view.warnings = lines, view.warnings + warnings
+    return ServerSnapshot(view, Expectations(side, expectations.client), backends)
+
+
+def dead_backend_checks(
+    source: PostgresSource,
+    reports: Sequence[ConnectionReport],
+    tracker: BackendTracker,
+    timeout: float = 5.0,
+    poll: float = 0.2,
+) -> dict[int, "object"]:
+    """Live: for each connection the server aborted, poll (bounded) until its known backend is gone.
+
+    Returns {connection index: AbortCheck}.  For `kaobs watch --dsn`: call
+    after the model reports a server keepalive abort.
+    """
+    from analysis.pgmeta import AbortCheck, server_aborted
+
+    results: dict[int, object] = {}
+    for report in reports:
+        abort_t = server_aborted(report)
+        if abort_t is None:
+            continue
+        index = report.connection.index
+        pid = tracker.pid(index)
+        if pid is None:
+            backends = source.poll_backends()
+            results[index] = abort_checks([report], backends, source.now())[index]
+            continue
+        gone, waited = source.confirm_dead(pid, timeout=timeout, poll=poll)
+        checked = source.now()
+        if gone:
+            results[index] = AbortCheck("gone", pid, abort_t, checked,
+                                        f"backend pid {pid} is gone from pg_stat_activity "
+                                        f"({checked - abort_t:.1f} s after the abort)")
+        else:
+            backends = {b.pid: b for b in source.poll_backends()}
+            still = backends.get(pid)
+            state = f", state {still.state}" if still is not None and still.state else ""
+            results[index] = AbortCheck("alive", pid, abort_t, checked,
+                                        f"backend pid {pid} is still in pg_stat_activity {waited:.1f} s after its "
+                                        f"connection's keepalive abort{state}: it outlived the abort")
+    return results
