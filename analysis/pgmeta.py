@@ -761,3 +761,51 @@ class BackendTracker:
     @property
     def pids(self) -> dict[int, int]:
         return dict(self._pids)
+
+
+# -- text lines for the reports ------------------------------------------------------------
+
+
+def server_lines(view: PostgresView) -> list[tuple[str, str]]:
+    """(line, style) for the head of the text report: the server, where each setting came from, warnings."""
+    lines: list[tuple[str, str]] = []
+    if view.error is not None:
+        lines.append((f"postgres: {view.error}", "yellow"))
+        return lines
+    server = view.server
+    if server is not None:
+        lines.append((f"postgres: {server.address}:{server.port} (PostgreSQL {server.version}) via --dsn {view.dsn}; "
+                      f"settings and sessions read at {_clock(server.read_at)}", "bold"))
+    for line in view.setting_lines:
+        lines.append((f"  server {line}", ""))
+    for warning in view.warnings:
+        lines.append((f"  warning: {warning}", "yellow"))
+    return lines
+
+
+def connection_lines(view: PostgresView, index: int) -> list[tuple[str, bool]]:
+    """(line, is_finding) for one connection: its backend or why none, session notes, the backend after the abort."""
+    info = view.connections.get(index)
+    if info is None:
+        return []
+    lines: list[tuple[str, bool]] = []
+    backend = info.backend
+    if backend is not None:
+        host = f" ({backend.client_hostname})" if backend.client_hostname else ""
+        since = f" since {_clock(backend.state_change)}" if backend.state_change else ""
+        lines.append((f"postgres: backend pid {backend.pid}, user {backend.usename}, database {backend.datname}, "
+                      f"application_name {backend.application_name!r}{host}, started {_clock(backend.backend_start)}, "
+                      f"state {backend.state}{since}", False))
+    elif info.reason:
+        lines.append((f"postgres: not matched: {info.reason}", False))
+    for note in info.notes:
+        lines.append((f"postgres: {note}", False))
+    check = info.after_abort
+    if check is not None:
+        if check.outlived:
+            lines.append((f"postgres: FINDING {check.detail}", True))
+        elif check.status == "gone":
+            lines.append((f"postgres: after the server's keepalive abort: {check.detail}", False))
+        else:
+            lines.append((f"postgres: after the server's keepalive abort: unknown ({check.detail})", False))
+    return lines

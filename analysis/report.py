@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from rich.console import Console
 from rich.padding import Padding
@@ -18,6 +18,9 @@ from rich.text import Text
 from analysis.expect import Expectations, SideExpectation
 from analysis.model import CLIENT, SERVER
 from analysis.verdict import ConnectionReport, SideReport
+
+if TYPE_CHECKING:
+    from analysis.pgmeta import PostgresView
 
 JSON_FORMAT_VERSION = 1
 TIMELINE_HEAD = 12
@@ -50,7 +53,10 @@ def exit_code(reports: Iterable[ConnectionReport]) -> int:
 # -- JSON ---------------------------------------------------------------------
 
 
-def to_json(run: AnalysisRun, reports: list[ConnectionReport], expectations: Expectations | None) -> dict[str, Any]:
+def to_json(
+    run: AnalysisRun, reports: list[ConnectionReport], expectations: Expectations | None,
+    postgres: "PostgresView | None" = None,
+) -> dict[str, Any]:
     summary = {"connections": len(reports)}
     for verdict in ("match", "mismatch", "unverified", "no_keepalive"):
         summary[verdict] = sum(1 for r in reports if r.verdict == verdict)
@@ -69,8 +75,16 @@ def to_json(run: AnalysisRun, reports: list[ConnectionReport], expectations: Exp
         "expectations": _expectations_json(expectations),
         "timer_hz": run.hz,
         "summary": summary,
-        "connections": [_connection_json(r) for r in reports],
+        "postgres": None if postgres is None else postgres.to_json(),
+        "connections": [_with_postgres(_connection_json(r), r, postgres) for r in reports],
     }
+
+
+def _with_postgres(out: dict[str, Any], report: ConnectionReport, postgres: "PostgresView | None") -> dict[str, Any]:
+    """The connection as Postgres knows it (`--dsn`); null without a database reading."""
+    info = None if postgres is None else postgres.connections.get(report.connection.index)
+    out["postgres"] = None if info is None else info.to_json()
+    return out
 
 
 def _expectations_json(expectations: Expectations | None) -> dict[str, Any]:
@@ -145,20 +159,28 @@ def _side_json(side: SideReport) -> dict[str, Any]:
 # -- text -----------------------------------------------------------------------
 
 
-def render_text(console: Console, run: AnalysisRun, reports: list[ConnectionReport], expectations: Expectations | None) -> None:
+def render_text(
+    console: Console, run: AnalysisRun, reports: list[ConnectionReport], expectations: Expectations | None,
+    postgres: "PostgresView | None" = None,
+) -> None:
     for warning in run.warnings:
         console.print(Text(f"warning: {warning}", style="yellow"))
+    if postgres is not None:
+        render_postgres(console, postgres)
     if not reports:
         console.print(f"No Postgres connection in {', '.join(run.sources)} ({run.segments} TCP segments, none on the server port).")
         return
     for report in reports:
-        render_connection(console, report, expectations)
+        render_connection(console, report, expectations, postgres=postgres)
     counts = {v: sum(1 for r in reports if r.verdict == v) for v in VERDICT_STYLE}
     parts = [f"{n} {v}" for v, n in counts.items() if n]
     console.print(f"{len(reports)} connection(s): " + ", ".join(parts) + f"  [{run.packets} packets, {run.segments} TCP segments]")
 
 
-def render_connection(console: Console, report: ConnectionReport, expectations: Expectations | None, verbose: bool = False) -> None:
+def render_connection(
+    console: Console, report: ConnectionReport, expectations: Expectations | None, verbose: bool = False,
+    postgres: "PostgresView | None" = None,
+) -> None:
     conn = report.connection
     headline = Text()
     headline.append(f"#{conn.index} ", style="bold")
@@ -170,6 +192,11 @@ def render_connection(console: Console, report: ConnectionReport, expectations: 
     console.print(headline)
     for line in timeline(report):
         console.print(Text("    " + line))
+    if postgres is not None:
+        from analysis.pgmeta import connection_lines
+
+        for line, alarm in connection_lines(postgres, conn.index):
+            console.print(Text("    " + line, style="bold red" if alarm else ""))
     findings = [(side.role, f) for side in (report.server, report.client) for f in side.findings]
     if findings:
         table = Table(show_edge=False, pad_edge=False, box=None, padding=(0, 2), show_header=True, header_style="bold")
@@ -189,6 +216,15 @@ def render_connection(console: Console, report: ConnectionReport, expectations: 
                     f"    {side.role}: observed idle {_s(o.idle)}, interval {_s(o.interval)}, "
                     f"count {o.count if o.count is not None else '-'} (no expectation given: not judged)"
                 )
+    console.print()
+
+
+def render_postgres(console: Console, postgres: "PostgresView") -> None:
+    """The server as read with --dsn: where each setting came from, and what could not be read."""
+    from analysis.pgmeta import server_lines
+
+    for line, style in server_lines(postgres):
+        console.print(Text(line, style=style))
     console.print()
 
 

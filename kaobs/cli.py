@@ -55,7 +55,9 @@ def expectation_options(function):
 
 def make_expectations(expect: Sequence[str], client_dsn: str | None, sysctls: Sequence[str]) -> Expectations:
     try:
-        return build_expectations(expect, client_dsn, sysctls)
+        from analysis.pgmeta import apply_session_options  # the client DSN's options=-c set the server's GUCs
+
+        return apply_session_options(build_expectations(expect, client_dsn, sysctls), client_dsn)[0]
     except ExpectationError as error:
         raise UserError(str(error)) from None
 
@@ -69,7 +71,13 @@ def main() -> None:
 @main.command()
 @click.argument("captures", nargs=-1, required=True, metavar="CAPTURE...")
 @expectation_options
-def analyze(captures: tuple[str, ...], expect, client_dsn, sysctls, ports, hz, output_format) -> None:
+@click.option("--dsn", metavar="CONNINFO",
+              help="Read the server's keepalive settings and sessions now, over TCP (needs pg_read_all_settings "
+                   "and pg_read_all_stats); judged against the capture. The password is never printed.")
+@click.option("--container", "server_container", metavar="NAME",
+              help="With --dsn: the server's Docker container, whose network namespace's sysctls resolve a setting of 0.")
+def analyze(captures: tuple[str, ...], expect, client_dsn, sysctls, ports, hz, output_format, dsn=None,
+            server_container=None) -> None:
     """Analyze saved pcap/pcapng files (several files are read in order as one capture).
 
     Exit 0 when nothing contradicts the expectations, 1 when something does,
@@ -99,17 +107,25 @@ def analyze(captures: tuple[str, ...], expect, client_dsn, sysctls, ports, hz, o
     model.finish()
     run.ignored_segments = model.segments_ignored
     run.capture_start, run.capture_end = model.first_t, model.last_t
+    postgres = None
+    if dsn is not None:  # after the capture: sessions and settings as they are now
+        from kaobs.pgsource import read_for_analysis
+
+        expectations, postgres = read_for_analysis(
+            dsn, expectations, sysctls, server_container, lambda line: click.echo(f"kaobs: error: {line}", err=True))
     reports = judge_all(model, expectations, model.capture_end, run.hz)
+    view = postgres.finish(reports) if postgres is not None else None
     if output_format == "json":
-        click.echo(json.dumps(to_json(run, reports, expectations), indent=1))
+        click.echo(json.dumps(to_json(run, reports, expectations, view), indent=1))
     else:
-        render_text(Console(highlight=False, width=None if sys.stdout.isatty() else 200), run, reports, expectations)
-    sys.exit(exit_code(reports))
+        render_text(Console(highlight=False, width=None if sys.stdout.isatty() else 200), run, reports, expectations,
+                    view)
+    sys.exit(postgres.exit_code(reports) if postgres is not None else exit_code(reports))
 
 
-from kaobs.watch import watch as _watch  # noqa: E402 - after the helpers kaobs.watch imports from here
+from kaobs.watch import watch_command  # noqa: E402 - after the helpers kaobs.watch uses
 
-main.add_command(_watch)
+main.add_command(watch_command())
 
 
 def run(argv: Sequence[str] | None = None) -> int:

@@ -391,3 +391,44 @@ def dead_backend_checks(
                                         f"backend pid {pid} is still in pg_stat_activity {waited:.1f} s after its "
                                         f"connection's keepalive abort{state}: it outlived the abort")
     return results
+
+
+@dataclass
+class AnalysisPostgres:
+    """`kaobs analyze --dsn`: the database reading, or the one-line error that replaced it."""
+
+    snapshot: ServerSnapshot | None
+    view: PostgresView
+
+    @property
+    def failed(self) -> bool:
+        return self.view.error is not None
+
+    def finish(self, reports: Sequence[ConnectionReport]) -> PostgresView:
+        return self.snapshot.annotate(reports) if self.snapshot is not None else self.view
+
+    def exit_code(self, reports: Sequence[ConnectionReport]) -> int:
+        """2 when the database could not be read (the report is still printed); else 1 for a mismatch or a
+        backend that outlived its connection's abort; else 0."""
+        if self.failed:
+            return 2
+        if any(r.verdict == "mismatch" for r in reports) or self.view.outlived():
+            return 1
+        return 0
+
+
+def read_for_analysis(
+    dsn: str,
+    expectations: Expectations,
+    sysctls: Sequence[str],
+    container: str | None,
+    say_error: Callable[[str], None],
+) -> tuple[Expectations, AnalysisPostgres]:
+    """Read the server for `kaobs analyze`; on failure say one line and go on with the packets alone."""
+    try:
+        snapshot = read_server(dsn, expectations, sysctls, container)
+    except PostgresError as error:
+        message = str(error)
+        say_error(message)
+        return expectations, AnalysisPostgres(None, PostgresView(dsn=redact_dsn(dsn), error=message))
+    return snapshot.expectations, AnalysisPostgres(snapshot, snapshot.view)
