@@ -60,7 +60,7 @@ def event_line(event: ModelEvent) -> str | None:
             return f"{when} #{conn.index} {side} zero-window probe (persist timer, not keepalive)"
         since = ""
         if probe.since_accepted is not None:
-            since = f", {probe.t - probe.since_accepted:.3f} s after the last packet it accepted"
+            since = f", {probe.t - probe.since_accepted:.3f} s after last accepted"
         return f"{when} #{conn.index} {side} keepalive probe #{probe.series_index}{since}"
     if event.kind == "answer" and event.probe is not None:
         probe = event.probe
@@ -106,35 +106,42 @@ def live_table(
     now: float,
     hz: int = DEFAULT_HZ,
     max_rows: int = MAX_ROWS,
-) -> Table:
-    """One row per connection side: last activity, probes, next probe, abort expected, verdict so far."""
-    table = Table(box=None, padding=(0, 1), show_edge=False, header_style="bold", expand=False)
-    for column in ("#", "connection", "last activity", "side", "probes", "unanswered", "next probe", "abort expected", "verdict"):
-        table.add_column(column, no_wrap=True)
+) -> Group:
+    """Per connection: a heading (state, last activity, verdict so far) and one row per side.
+
+    A side row says how many probes it sent, how many of the current series
+    are unanswered, and when the next probe and the abort are expected.
+    """
+    parts: list = []
     shown = chosen_connections(model.connections, max_rows)
     server = expectations.server if expectations is not None else None
     client = expectations.client if expectations is not None else None
     for conn in shown:
         verdict = judge_connection(conn, server, client, now, hz).verdict
-        state = _state_words(conn)
+        heading = Text()
+        heading.append(f"#{conn.index} ", style="bold")
+        heading.append(f"{conn.client.endpoint} -> {conn.server.endpoint}  ")
+        heading.append(_state_words(conn), style="" if conn.end_reason == "open" else "dim")
+        heading.append(f", last packet {wall_clock(conn.end, millis=False)} ({_ago(now - conn.end)})  so far: ")
+        heading.append(verdict.upper(), style=VERDICT_STYLE.get(verdict, ""))
+        parts.append(heading)
+        table = Table(box=None, padding=(0, 2, 0, 0), show_edge=False, header_style="dim", expand=False)
+        for column in ("   side", "probes", "unanswered", "next probe", "abort expected"):
+            table.add_column(column, no_wrap=True)
         for role in (SERVER, CLIENT):
             outlook = monitor.outlook(conn, role)
-            first = role == SERVER
             table.add_row(
-                f"{conn.index}" if first else "",
-                f"{conn.client.endpoint} -> {conn.server.endpoint}" if first else Text(state, style="dim"),
-                f"{wall_clock(conn.end, millis=False)} ({_ago(now - conn.end)})" if first else "",
-                role,
+                f"   {role}",
                 str(outlook.probes),
                 Text(str(outlook.unanswered), style="bold red" if outlook.unanswered else ""),
                 _due(outlook.next_probe, now),
                 Text(_due(outlook.abort_due, now), style="red" if outlook.abort_due is not None else ""),
-                Text(verdict, style=VERDICT_STYLE.get(verdict, "")) if first else "",
             )
+        parts.append(table)
     hidden = len(model.connections) - len(shown)
     if hidden > 0:
-        table.add_row("", Text(f"... {hidden} more connection(s)", style="dim"), *[""] * 7)
-    return table
+        parts.append(Text(f"... {hidden} more connection(s), closed or quiet longest", style="dim"))
+    return Group(*parts)
 
 
 def live_view(

@@ -25,7 +25,7 @@ from rich.live import Live
 from analysis.analyze import judge_all
 from analysis.expect import Expectations
 from analysis.live import LiveMonitor
-from analysis.live_view import LiveHeader, alarm_line, event_line, live_view
+from analysis.live_view import LiveHeader, alarm_line, event_line, live_view, wall_clock
 from analysis.model import KeepaliveModel, ModelEvent
 from analysis.report import AnalysisRun, render_text, to_json, exit_code
 from analysis.verdict import ConnectionReport
@@ -49,6 +49,7 @@ def run_live(
     stop: threading.Event,
     console: Console | None = None,
     title: str = "",
+    clock: Callable[[], float] = time.time,
 ) -> tuple[AnalysisRun, list[ConnectionReport]]:
     """Feed the model from `capture` until `duration`, `stop`, or Ctrl-C; return the final run and reports.
 
@@ -56,11 +57,13 @@ def run_live(
     stderr); "text" shows a rich live table when the console is a terminal and
     one line per event when it is not. The capture is opened if it is not
     yet, and left open: the caller closes it (which finishes its pcap).
+    `clock` is the capture's clock (kernel timestamps are wall-clock time);
+    tests replay recorded segments with a clock of their own.
     """
     console = console or Console(highlight=False, width=None if sys.stdout.isatty() else 200)
     err = Console(stderr=True, highlight=False)
     capture.open()
-    started = capture.started or time.time()
+    started = capture.started or clock()
     deadline = None if duration is None else started + duration
     events: list[ModelEvent] = []
     model = KeepaliveModel(ports, on_event=events.append)
@@ -90,7 +93,7 @@ def run_live(
     last_alarm_check = last_view = 0.0
     try:
         while not stop.is_set():
-            now = time.time()
+            now = clock()
             if deadline is not None and now >= deadline:
                 break
             wait = 0.1 if deadline is None else max(0.0, min(0.1, deadline - now))
@@ -103,7 +106,7 @@ def run_live(
                     if line is not None:
                         say(line)
                 events.clear()
-            now = time.time()
+            now = clock()
             if now - last_alarm_check >= ALARM_CHECK_S:
                 last_alarm_check = now
                 for alarm in monitor.alarms(now):
@@ -118,7 +121,7 @@ def run_live(
     finally:
         if live is not None:
             live.stop()
-    end = time.time()
+    end = clock()
     model.finish(end)
     stats = capture.stats()
     run = AnalysisRun(sources=[f"live:{name}" for name in capture.interfaces], hz=hz)
@@ -133,16 +136,10 @@ def run_live(
             f"the kernel dropped {stats.drops} of {stats.kernel_packets} packets (receive buffer full): "
             "probes may be missing from this report")
     if mode == "lines":
-        say(f"{wall_clock_now(end)} stopped after {end - started:.1f} s: {stats.packets - stats.duplicates} packets, "
+        say(f"{wall_clock(end)} stopped after {end - started:.1f} s: {stats.packets - stats.duplicates} packets, "
             f"{stats.segments} TCP segments, {len(model.connections)} connection(s)")
     reports = judge_all(model, expectations, end, hz)
     return run, reports
-
-
-def wall_clock_now(t: float) -> str:
-    from analysis.live_view import wall_clock
-
-    return wall_clock(t)
 
 
 # -- the command -----------------------------------------------------------------
@@ -172,7 +169,12 @@ def install_stop_handlers(stop: threading.Event, on_stop: Callable[[], None] | N
     return restore
 
 
-def _register() -> click.Command:
+def watch_command() -> click.Command:
+    """The `watch` command, built on demand: kaobs.cli calls this after defining the helpers it shares.
+
+    Building it at import time would make `import kaobs.watch` and
+    `import kaobs.cli` depend on which comes first.
+    """
     from kaobs.cli import UserError, expectation_options, make_expectations
 
     @click.command()
@@ -232,5 +234,3 @@ def _register() -> click.Command:
 
     return watch
 
-
-watch = _register()

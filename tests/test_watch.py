@@ -1,0 +1,297 @@
+"""`kaobs watch`: the live pipeline on replayed segments, the live view, and the command's errors.
+
+The unprivileged tests replay conversations built in code through a fake
+capture with a simulated clock, so alarms and per-event lines are checked
+without a network. The privileged test at the bottom runs the real command
+on a veth pair between two network namespaces.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from rich.console import Console
+
+from analysis.expect import build_expectations
+from analysis.live import LiveMonitor
+from analysis.live_view import LiveHeader, alarm_line, event_line, live_table, live_view
+from analysis.model import KeepaliveModel
+from kaobs.watch import install_stop_handlers, run_live
+from sniffer.live import LiveStats
+from tests.builders import Conversation
+from tests.test_model import SEED_EXPECT, seed_conversation
+
+
+class FakeClock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class ReplayCapture:
+    """Stands in for LiveCapture: hands out recorded segments as the simulated clock passes them."""
+
+    interfaces = ["fake0"]
+    filter = "tcp port 5432"
+
+    def __init__(self, segments, clock: FakeClock, on_read=None) -> None:
+        self.pending = list(segments)
+        self.clock = clock
+        self.started = clock.t
+        self.delivered = 0
+        self.reads = 0
+        self.on_read = on_read
+
+    def open(self):
+        return self
+
+    def read(self, timeout: float = 0.1):
+        self.reads += 1
+        if self.on_read is not None:
+            self.on_read(self)
+        self.clock.t += max(timeout, 0.001)
+        out = []
+        while self.pending and self.pending[0].t <= self.clock.t:
+            out.append(self.pending.pop(0))
+        self.delivered += len(out)
+        return out
+
+    def stats(self) -> LiveStats:
+        return LiveStats(packets=self.delivered, segments=self.delivered)
+
+
+def replay(conv: Conversation, expect=SEED_EXPECT, *, output_format="text", duration=20.0, stop=None, on_read=None,
+           terminal=False):
+    clock = FakeClock(conv.t0 - 0.5)
+    capture = ReplayCapture(conv.segments, clock, on_read)
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=terminal, width=160, highlight=False, color_system=None)
+    run, reports = run_live(
+        capture, expectations=build_expectations(expect), ports=(5432,), hz=250, output_format=output_format,
+        duration=duration, stop=stop or threading.Event(), console=console, title="replay", clock=clock)
+    return run, reports, out.getvalue(), capture
+
+
+def lines_of(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+# -- one line per event ----------------------------------------------------------
+
+
+def test_event_lines_name_probes_answers_and_the_abort_in_order():
+    lines: list[str] = []
+    model = KeepaliveModel(on_event=lambda e: lines.append(e))
+    events = []
+    for segment in seed_conversation().segments:
+        model.feed(segment)
+        events.extend(event_line(e) for e in lines)
+        lines.clear()
+    text = [e for e in events if e]
+    assert "new connection" in text[0] and "10.9.0.2:41000 -> 10.9.0.1:5432" in text[0]
+    probes = [line for line in text if "server keepalive probe" in line]
+    assert len(probes) == 5
+    assert "3.012 s after last accepted" in probes[0]  # 3.054 - 0.042
+    answers = [line for line in text if "client answered server probe #1" in line]
+    assert len(answers) == 2
+    assert "ABORT (RST) after 3 unanswered" in text[-1]
+    # the series restarts after each answer: the last three probes are #1, #2, #3
+    assert [p.split("probe #")[1][0] for p in probes] == ["1", "1", "1", "2", "3"]
+
+
+def test_mid_connection_start_is_not_called_new():
+    conv = Conversation().handshake().exchange(0.01)
+    model = KeepaliveModel(on_event=lambda e: seen.append(e))
+    seen: list = []
+    for segment in conv.segments[3:]:
+        model.feed(segment)
+    first = event_line(seen[0])
+    assert "already open" in first and "new connection" not in first
+
+
+def test_run_live_prints_events_and_alarms_as_lines_with_wall_clock_times():
+    run, [report], text, capture = replay(seed_conversation(t_rst=None))
+    out = lines_of(text)
+    alarms = [line for line in out if " ALARM " in line]
+    assert len(alarms) == 3, out
+    assert "2 of 3 probes unanswered" in alarms[0] and "abort expected at" in alarms[0]
+    assert "3 of 3 probes unanswered" in alarms[1]
+    assert "should have aborted" in alarms[2]
+    # the peer-silent alarm comes right after the second unanswered probe, before the third
+    third_probe = next(i for i, line in enumerate(out) if "keepalive probe #3" in line)
+    assert out.index(alarms[0]) < third_probe < out.index(alarms[1]) < out.index(alarms[2])
+    # raised within the 0.25 s alarm check period of the probe that made it true
+    assert alarms[0].startswith("22:13:31.") or alarms[0][:8] == out[third_probe - 1][:8]
+    # every event line starts with a wall-clock time
+    for line in out[1:]:
+        assert line[2] == ":" and line[5] == ":" and line[8] == ".", line
+    assert report.verdict == "mismatch"  # the abort the settings require never came
+    assert run.packets == len(seed_conversation(t_rst=None).segments)
+    assert run.sources == ["live:fake0"]
+
+
+def test_run_live_with_the_abort_matches_and_raises_no_missing_abort_alarm():
+    run, [report], text, _ = replay(seed_conversation())
+    assert report.verdict == "match"
+    assert "should have aborted" not in text
+    assert "ABORT (RST) after 3 unanswered" in text
+
+
+def test_overdue_probe_alarm_says_keepalives_are_not_running():
+    conv = Conversation().handshake().exchange(0.01)
+    _, [report], text, _ = replay(conv, ("tcp_keepalives_idle=3",), duration=6.0)
+    [alarm] = [line for line in lines_of(text) if " ALARM " in line]
+    assert "no probe" in alarm and "not running" in alarm
+
+
+def test_json_mode_prints_nothing_while_watching():
+    run, reports, text, _ = replay(seed_conversation(t_rst=None), output_format="json")
+    assert text == ""
+    assert reports and reports[0].verdict == "mismatch"
+
+
+def test_stop_event_ends_the_run_within_one_read():
+    stop = threading.Event()
+
+    def stop_after_five_reads(capture):
+        if capture.reads == 5:
+            stop.set()
+
+    _, _, _, capture = replay(seed_conversation(), duration=None, stop=stop, on_read=stop_after_five_reads)
+    assert capture.reads == 5
+
+
+def test_duration_bounds_the_run():
+    _, reports, _, capture = replay(seed_conversation(), duration=4.0)
+    # only what came in the first 4 s (from 0.5 s before the first packet) was seen
+    assert reports[0].server.keepalive_probe_count == 1
+    assert capture.pending
+
+
+def test_keyboard_interrupt_ends_the_run_with_a_report():
+    def interrupt(capture):
+        if capture.reads == 40:
+            raise KeyboardInterrupt
+
+    run, reports, _, _ = replay(seed_conversation(), duration=None, on_read=interrupt)
+    assert len(reports) == 1 and run.capture_end is not None
+
+
+# -- the terminal view -------------------------------------------------------------
+
+
+def test_live_table_shows_probes_unanswered_and_due_times():
+    conv = seed_conversation(t_rst=None)
+    model = KeepaliveModel()
+    for segment in conv.segments:
+        if segment.t <= conv.t0 + 11.2:
+            model.feed(segment)
+    expectations = build_expectations(SEED_EXPECT)
+    monitor = LiveMonitor(model, expectations)
+    console = Console(record=True, width=140, color_system=None)
+    console.print(live_table(model, monitor, expectations, conv.t0 + 11.2))
+    text = console.export_text()
+    server_row = next(line for line in text.splitlines() if line.strip().startswith("server"))
+    cells = server_row.split()
+    assert cells[1] == "4" and cells[2] == "2"  # 4 keepalive probes so far, 2 unanswered in this series
+    assert "(in 1.9 s)" in server_row  # next probe at 13.098
+    assert "(in 3.9 s)" in server_row  # abort at 15.098
+    assert "#1 10.9.0.2:41000 -> 10.9.0.1:5432" in text and "open" in text
+
+
+def test_live_view_without_connections_and_with_drops():
+    model = KeepaliveModel()
+    header = LiveHeader(title="t", interfaces=["br-x"], filter="tcp port 5432", started=100.0, packets=3, drops=7)
+    console = Console(record=True, width=140, color_system=None)
+    console.print(live_view(header, model, LiveMonitor(model, None), None, 112.0))
+    text = console.export_text()
+    assert "no Postgres connection seen yet" in text and "7 dropped by the kernel" in text and "12.0 s elapsed" in text
+
+
+def test_live_view_caps_the_number_of_connections():
+    model = KeepaliveModel()
+    for i in range(30):
+        conv = Conversation()
+        conv.client.port = 40000 + i
+        model.feed_all(conv.handshake(float(i)).segments)
+    console = Console(record=True, width=140, color_system=None)
+    console.print(live_table(model, LiveMonitor(model, None), None, Conversation().t0 + 40, max_rows=5))
+    text = console.export_text()
+    assert "25 more connection(s)" in text
+    assert "#30 " in text and "#1 " not in text  # the most recently active are shown
+
+
+def test_terminal_mode_draws_the_table():
+    _, _, text, _ = replay(seed_conversation(), terminal=True, duration=12.0)
+    assert "so far:" in text and "abort expected" in text
+
+
+def test_alarm_line_has_the_raise_time():
+    monitor_model = KeepaliveModel()
+    conv = seed_conversation(t_rst=None)
+    monitor_model.feed_all(conv.segments)
+    monitor = LiveMonitor(monitor_model, build_expectations(SEED_EXPECT))
+    [alarm] = monitor.alarms(conv.t0 + 13.2)
+    assert alarm_line(alarm, conv.t0 + 13.2).split(" ALARM ")[0].endswith(".200")
+
+
+# -- signals and the command -----------------------------------------------------------
+
+
+def test_sigterm_sets_the_stop_event():
+    stop = threading.Event()
+    called = []
+    restore = install_stop_handlers(stop, lambda: called.append(1))
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.time() + 2
+        while not stop.is_set() and time.time() < deadline:
+            time.sleep(0.01)
+    finally:
+        restore()
+    assert stop.is_set() and called == [1]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["watch", "--interface", "lo", "--container", "x"], "only one of"),
+    (["watch", "--interface", "no-such-if0"], "no such network interface"),
+    (["watch", "--interface", "lo", "--full-packets"], "--full-packets only makes sense with --write"),
+    (["watch", "--interface", "lo", "--expect", "tcp_keepalives_idle=banana"], "tcp_keepalives_idle"),
+])
+def test_watch_usage_errors_are_one_line_exit_2(argv, words):
+    if os.geteuid() != 0 and "only one" not in words:
+        pytest.skip("as non-root the root check answers first")
+    done = subprocess.run([sys.executable, "-m", "kaobs", *argv], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done
+    err = done.stderr
+    assert err.count("\n") == 1 and err.startswith("kaobs: error:") and words in err, err
+
+
+def test_watch_needs_root_says_so_in_one_line():
+    if os.geteuid() == 0:
+        code = ("import os; os.geteuid = lambda: 1000; import sys; from kaobs.cli import run; "
+                "sys.exit(run(['watch', '--interface', 'lo', '--duration', '1']))")
+    else:
+        code = "import sys; from kaobs.cli import run; sys.exit(run(['watch', '--interface', 'lo', '--duration', '1']))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "needs root" in done.stderr and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_json_output_contract_on_replay(capsys):
+    from analysis.report import to_json
+
+    run, reports, _, _ = replay(seed_conversation(), output_format="json")
+    doc = json.loads(json.dumps(to_json(run, reports, build_expectations(SEED_EXPECT))))
+    assert doc["summary"] == {"connections": 1, "match": 1, "mismatch": 0, "unverified": 0, "no_keepalive": 0}
+    assert doc["input"]["sources"] == ["live:fake0"]
