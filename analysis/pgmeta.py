@@ -367,7 +367,7 @@ def server_expectation(
         if key == "user_timeout":
             value: float | int = reading.server_wide / 1000
             text = f"{guc} = {shown} ({reading.origin()})" + ("" if reading.server_wide else ": not set, the count rules")
-            source = f"server {reading.source}"
+            source = f"server: {reading.source}"
         elif reading.server_wide == 0:
             kernel_field = KERNEL_FIELD[key]
             number, where, more = _kernel_choice(kernel_field, reading, user_kernel, container, local)
@@ -375,11 +375,11 @@ def server_expectation(
             value = number
             amount = f"{number} probes" if key == "count" else f"{number} s"
             text = f"{guc} = 0 ({reading.origin()}) -> kernel default {amount}: {where}"
-            source = f"server 0 = kernel default {amount}"
+            source = "server: 0 = kernel default"
         else:
             value = reading.server_wide
             text = f"{guc} = {shown} ({reading.origin()})"
-            source = f"server {reading.source}"
+            source = f"server: {reading.source}"
         if mine.judged:
             lines.append(f"{text}; --expect {mine.given} is used instead")
             if float(mine.value) != float(value):  # type: ignore[arg-type]
@@ -523,6 +523,14 @@ def _clock(t: float | None) -> str:
     return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).strftime("%H:%M:%S")
 
 
+def _age(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 120:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.1f} s"
+
+
 def _fits(conn: Connection, backend: Backend, tolerance: float) -> str | None:
     """Why `backend` (same client address and port) is not this connection's, or None when it may be."""
     start = backend.backend_start
@@ -607,7 +615,7 @@ _TIMER_KEYS = ("idle", "interval", "count", "user_timeout")
 
 
 def _from_server(setting: Setting) -> bool:
-    return setting.judged and (setting.source.startswith("server ") or "pg_settings" in (setting.given or ""))
+    return setting.judged and setting.source.startswith("server: ")
 
 
 def session_notes(
@@ -615,57 +623,72 @@ def session_notes(
     server: SideExpectation,
     matched: Mapping[int, ConnectionPostgres] | None = None,
 ) -> dict[int, list[str]]:
-    """Per connection, notes where its server-side packets contradict a server-wide setting.
+    """Per connection, a note where its server-side packets contradict a server-wide setting.
 
     Postgres shows no other backend's session GUCs, so a session that ran
     ``SET tcp_keepalives_idle`` or connected with ``options=-c`` can only be
     seen in the packets: a connection that contradicts a server-wide value
     while another connection agrees with it most likely has its own setting.
-    When no connection agrees, the setting may have changed since the capture
-    (pg_settings is read now).
+    When no connection agrees, the setting may also have changed since the
+    capture (pg_settings is read now).  Only settings read from the server
+    are considered (not --expect).
     """
     names = SETTING_NAMES["server"]
-    notes: dict[int, list[str]] = {}
     status: dict[str, dict[int, str]] = {key: {} for key in _TIMER_KEYS}
     for report in reports:
         for finding in report.server.findings:
             for key in _TIMER_KEYS:
                 if finding.setting == names[key]:
                     status[key][report.connection.index] = finding.status
-    for key in _TIMER_KEYS:
-        setting: Setting = getattr(server, key)
-        if not _from_server(setting):
-            continue
-        guc = names[key]
-        per_conn = status[key]
-        agreeing = sorted(i for i, s in per_conn.items() if s == "match")
-        for report in reports:
-            index = report.connection.index
-            if per_conn.get(index) != "mismatch":
+    notes: dict[int, list[str]] = {}
+    for report in reports:
+        index = report.connection.index
+        differing: list[str] = []
+        agreeing: set[int] = set()
+        gucs: list[str] = []
+        for key in _TIMER_KEYS:
+            setting: Setting = getattr(server, key)
+            if not _from_server(setting) or status[key].get(index) != "mismatch":
                 continue
-            expected = f"{setting.value:g} s" if key in ("idle", "interval") else (
-                f"{setting.value}" if key == "count" else f"{float(setting.value or 0) * 1000:.0f} ms")
+            guc = names[key]
+            gucs.append(guc)
+            agreeing.update(i for i, s in status[key].items() if s == "match")
             observed = getattr(report.server.observed, key)
-            seen = ""
-            if observed is not None:
-                seen = f"; the packets show {observed:.3f} s" if key != "count" else f"; the packets show {observed}"
-                if key == "user_timeout":
-                    seen = f"; the packets show {observed * 1000:.0f} ms to the abort"
-            if agreeing:
-                others = ", ".join(f"#{i}" for i in agreeing[:5])
-                head = (f"{guc}: this session disagrees with the server-wide {expected} ({setting.source}) while "
-                        f"{others} agree{seen}: this session may have its own setting (SET / options=-c); "
-                        "server-wide value assumed")
+            if key == "count":
+                expected, seen = f"{setting.value}", "" if observed is None else f"{observed}"
+            elif key == "user_timeout":
+                expected = f"{float(setting.value or 0) * 1000:.0f} ms"
+                seen = "" if observed is None else f"{observed * 1000:.0f} ms to the abort"
             else:
-                head = (f"{guc}: no connection agrees with the server-wide {expected} ({setting.source}){seen}: the "
-                        "setting may have changed since the capture (pg_settings is read now), or this session has "
-                        "its own (SET / options=-c); server-wide value assumed")
-            text = f"{head}; {CHECK_HINT.format(guc=guc)}"
-            info = matched.get(index) if matched else None
-            if info is not None and info.backend is not None and guc in info.backend.query_mentions:
-                text += f" (backend pid {info.backend.pid}'s last query mentions {guc})"
-            notes.setdefault(index, []).append(text)
+                expected, seen = f"{float(setting.value or 0):g} s", "" if observed is None else f"{observed:.3f} s"
+            differing.append(f"{guc} server-wide {expected}" + (f", packets {seen}" if seen else ""))
+        if not differing:
+            continue
+        if agreeing:
+            others = ", ".join(f"#{i}" for i in sorted(agreeing)[:5]) + (" ..." if len(agreeing) > 5 else "")
+            why = f"{others} agree: this session may have its own setting (SET / options=-c)"
+        else:
+            why = ("no connection agrees: the setting may have changed since the capture (pg_settings is read "
+                   "now), or this session has its own (SET / options=-c)")
+        text = (f"per-session setting? {'; '.join(differing)}; {why}; server-wide value assumed; "
+                f"{CHECK_HINT.format(guc=gucs[0])}")
+        info = matched.get(index) if matched else None
+        if info is not None and info.backend is not None:
+            mentioned = [g for g in gucs if g in info.backend.query_mentions]
+            if mentioned:
+                text += f" (backend pid {info.backend.pid}'s last query mentions {', '.join(mentioned)})"
+        notes[index] = [text]
     return notes
+
+
+def staleness_warning(capture_end: float | None, read_at: float | None, limit: float = 300.0) -> str | None:
+    """A warning when the capture is much older than the database reading (settings and sessions are from now)."""
+    if capture_end is None or read_at is None or read_at - capture_end <= limit:
+        return None
+    age = read_at - capture_end
+    words = f"{age / 3600:.1f} h" if age >= 3600 else f"{age / 60:.0f} min"
+    return (f"the capture ended {words} before the server was read: settings and sessions are as they are now, "
+            "connections that ended since cannot be named")
 
 
 # -- dead backends -------------------------------------------------------------------------
@@ -707,7 +730,7 @@ def abort_checks(
         if backends is None:
             result[index] = AbortCheck("unknown", pid, abort_t, None, "pg_stat_activity could not be read")
             continue
-        after = f" ({checked_at - abort_t:.1f} s after the abort)" if checked_at is not None else ""
+        after = f" ({_age(checked_at - abort_t)} after the abort)" if checked_at is not None else ""
         survivor = by_pid.get(pid) if pid is not None else None
         if survivor is None and pid is None:
             candidate = by_key.get((normalize_address(conn.client.address), conn.client.port))

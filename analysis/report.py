@@ -203,7 +203,7 @@ def render_connection(
         for column in ("side", "setting", "expected", "observed", "status"):
             table.add_column(column, no_wrap=True)
         for role, f in findings:
-            table.add_row(role, f.setting, f.expected, f.observed, Text(f.status, style=STATUS_STYLE[f.status]))
+            table.add_row(role, f.setting, Text(f.expected), Text(f.observed), Text(f.status, style=STATUS_STYLE[f.status]))
         console.print(Padding(table, (0, 0, 0, 4), expand=False))
         for role, f in findings:
             if f.status != "unobservable" or verbose:

@@ -36,6 +36,7 @@ from analysis.pgmeta import (
     normalize_address,
     server_expectation,
     session_notes,
+    staleness_warning,
     unix_socket_reason,
 )
 from analysis.verdict import ConnectionReport
@@ -312,6 +313,10 @@ class ServerSnapshot:
         if self.backends is None:
             return view
         connections = [r.connection for r in reports]
+        stale = staleness_warning(max((c.end for c in connections), default=None),
+                                  view.server.read_at if view.server is not None else None)
+        if stale is not None:
+            view.warnings.append(stale)
         view.connections = match_connections(connections, self.backends, view.server)
         for index, notes in session_notes(reports, self.expectations.server, view.connections).items():
             view.connections[index].notes.extend(notes)
