@@ -127,6 +127,10 @@ from kaobs.watch import watch_command  # noqa: E402 - after the helpers kaobs.wa
 
 main.add_command(watch_command())
 
+from kaobs.lab import lab_command  # noqa: E402 - after the helpers kaobs.lab uses
+
+main.add_command(lab_command())
+
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Entry point: click with usage errors and our own errors folded into one line."""
