@@ -223,7 +223,9 @@ class PostgresSource:
             "extract(epoch from backend_start)::float8, state, extract(epoch from state_change)::float8, "
             "ARRAY(SELECT g FROM unnest(%s::text[]) AS g WHERE position(g in lower(coalesce(query, ''))) > 0), "
             "query = '<insufficient privilege>' "
-            "FROM pg_stat_activity WHERE backend_type = 'client backend'", (list(GUCS),))
+            "FROM pg_stat_activity WHERE backend_type = 'client backend' "
+            "OR (backend_type IS NULL AND query = '<insufficient privilege>')",  # others' rows hide their type too
+            (list(GUCS),))
         return [Backend(pid, user, db, app, addr, hostname, port, start, state, change, tuple(mentions or ()),
                         bool(hidden))
                 for pid, user, db, app, addr, hostname, port, start, state, change, mentions, hidden in rows]
@@ -437,3 +439,111 @@ def read_for_analysis(
         say_error(message)
         return expectations, AnalysisPostgres(None, PostgresView(dsn=redact_dsn(dsn), error=message))
     return snapshot.expectations, AnalysisPostgres(snapshot, snapshot.view)
+
+
+class LivePostgres:
+    """`kaobs watch --dsn`: the database beside the live capture.
+
+    Call :meth:`tick` from the capture loop as often as you like (it queries
+    at most every `poll_every` seconds): it names new connections after their
+    backend while they are alive (so that their pid is known after an
+    abort) and, for each connection the server aborted by keepalive, checks
+    (one query per tick, for at most `confirm_timeout` seconds) whether the
+    backend left pg_stat_activity.  :meth:`finish` gives the view for the
+    final report.  A database error during watching becomes a warning in the
+    view, never an exception in the capture loop.
+    """
+
+    def __init__(self, source: PostgresSource, snapshot: ServerSnapshot, poll_every: float = 1.0,
+                 confirm_timeout: float = 5.0, clock: Callable[[], float] = time.time) -> None:
+        self.source = source
+        self.snapshot = snapshot
+        self.poll_every = poll_every
+        self.confirm_timeout = confirm_timeout
+        self.clock = clock
+        self.tracker = BackendTracker()
+        self.checks: dict[int, object] = {}  # connection index -> AbortCheck, once settled
+        self._pending: dict[int, tuple[float, float]] = {}  # index -> (abort t, first check at)
+        self._last_poll = float("-inf")
+        self._failed = False
+
+    @classmethod
+    def start(cls, dsn: str, expectations: Expectations, sysctls: Sequence[str] = (), container: str | None = None,
+              **kwargs) -> tuple[Expectations, "LivePostgres"]:
+        """Read the settings (server-side expectations) and keep a connection open; raises PostgresError."""
+        snapshot = read_server(dsn, expectations, sysctls, container)
+        source = PostgresSource(dsn).connect()
+        return snapshot.expectations, cls(source, snapshot, **kwargs)
+
+    def _warn(self, message: str) -> None:
+        if not self._failed:
+            self._failed = True
+            self.snapshot.view.warnings.append(f"while watching: {message}")
+
+    def tick(self, connections: Sequence, now: float | None = None) -> list[object]:
+        """Poll (rate-limited); returns AbortChecks settled in this call, for the live view to show."""
+        from analysis.pgmeta import AbortCheck
+
+        if self._failed:
+            return []
+        now = self.clock() if now is None else now
+        if now - self._last_poll < min(self.poll_every, 0.2 if self._pending else self.poll_every):
+            return []
+        self._last_poll = now
+        settled: list[object] = []
+        try:
+            backends = self.source.poll_backends()
+            self.snapshot.backends = backends
+            self.tracker.update(connections, backends, self.snapshot.view.server)
+            alive = {b.pid for b in backends}
+            for conn in connections:
+                reset = conn.server.reset
+                if reset is None or not reset.after_keepalive or conn.index in self.checks:
+                    continue
+                abort_t, first = self._pending.setdefault(conn.index, (reset.t, now))
+                pid = self.tracker.pid(conn.index)
+                if pid is None:
+                    check = AbortCheck("unknown", None, abort_t, now, "its backend was never named while the "
+                                       "connection was alive (it began before --dsn was read, or cannot be matched)")
+                elif pid not in alive:
+                    check = AbortCheck("gone", pid, abort_t, now, f"backend pid {pid} is gone from pg_stat_activity "
+                                       f"({max(0.0, now - abort_t):.1f} s after the abort)")
+                elif now - first >= self.confirm_timeout:
+                    row = next((b for b in backends if b.pid == pid), None)
+                    state = f", state {row.state}" if row is not None and row.state else ""
+                    check = AbortCheck("alive", pid, abort_t, now, f"backend pid {pid} is still in pg_stat_activity "
+                                       f"{now - abort_t:.1f} s after its connection's keepalive abort{state}: it "
+                                       "outlived the abort")
+                else:
+                    continue
+                self.checks[conn.index] = check
+                self._pending.pop(conn.index, None)
+                settled.append(check)
+        except PostgresError as error:
+            self._warn(str(error))
+        return settled
+
+    def finish(self, reports: Sequence[ConnectionReport]) -> PostgresView:
+        """The view for the final report: names (now, or as last seen alive), notes, the backends after aborts."""
+        from analysis.pgmeta import AbortCheck
+
+        deadline = self.clock() + self.confirm_timeout
+        connections = [r.connection for r in reports]
+        while not self._failed and any(
+                r.connection.server.reset is not None and r.connection.server.reset.after_keepalive
+                and r.connection.index not in self.checks for r in reports) and self.clock() < deadline:
+            self._last_poll = float("-inf")
+            self.tick(connections)
+            time.sleep(0.2)
+        view = self.snapshot.annotate(reports)
+        for index, info in view.connections.items():
+            tracked = self.tracker.backend(index)
+            if info.backend is None and tracked is not None:
+                info.backend, info.reason = tracked, None  # as last seen alive
+            check = self.checks.get(index)
+            if isinstance(check, AbortCheck):
+                info.after_abort = check
+        return view
+
+    def close(self) -> None:
+        self.source.close()

@@ -1,0 +1,309 @@
+"""Postgres awareness against a real server in the lab (privileged: Docker, packet capture, netns).
+
+One lab (kaobs.labenv) for the module: PostgreSQL 15 started as
+``postgres --tcp_keepalives_idle=7 --tcp_user_timeout=5000`` on an internal
+Docker network of its own, reached from the host at its bridge address; a
+monitoring role with only pg_read_all_settings and pg_read_all_stats; a
+psycopg client in the client container's network namespace with three
+sessions: S0 on the server-wide settings, S1 with ``SET tcp_keepalives_idle =
+2``, S2 with short timers of its own (idle 1, interval 1, count 2,
+user_timeout 0) for the vanishing-client test, which comes last because it
+cuts the client off.  tcpdump records the lab bridge from before the client
+connects.  Everything is removed in a finally (labels kaobs.lab=pgmeta...).
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from rich.console import Console
+
+from analysis.analyze import judge_all
+from analysis.expect import build_expectations, parse_guc_value
+from analysis.model import KeepaliveModel
+from analysis.report import AnalysisRun, render_text, to_json
+from kaobs.pgsource import (
+    LivePostgres,
+    PostgresError,
+    PostgresSource,
+    read_container_kernel,
+    read_server,
+)
+from sniffer.pcapfile import CaptureReader
+
+pytestmark = pytest.mark.privileged
+
+IMAGE = os.environ.get("KAOBS_LAB_IMAGE", "kaobs/postgres:15-local")
+MONITOR_PASSWORD = "m0n-" + secrets.token_hex(6)
+S0, S1, S2 = 0, 1, 2
+
+
+class Lab:
+    env = None
+    pcap = ""
+    ports: dict[int, int] = {}
+    ready_at = 0.0
+    superuser_dsn = ""
+    monitor_dsn = ""
+    plain_dsn = ""
+
+
+def _kaobs(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kaobs", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _snapshot(lab: Lab) -> str:
+    """A copy of the capture so far (tcpdump -U writes whole packets as they come)."""
+    copy = tempfile.NamedTemporaryFile(prefix="kaobs-pgmeta-", suffix=".pcap", delete=False)
+    copy.close()
+    shutil.copyfile(lab.pcap, copy.name)
+    return copy.name
+
+
+def _model(path: str) -> KeepaliveModel:
+    model = KeepaliveModel([5432])
+    for segment in CaptureReader(path, warn=lambda message: None):
+        model.feed(segment)
+    return model
+
+
+@pytest.fixture(scope="module")
+def lab():
+    from kaobs.labenv import FAULT_NONE, LabEnvironment, Scenario, Session
+
+    if shutil.which("tcpdump") is None:
+        pytest.fail("tcpdump is needed for the privileged Postgres tests")
+    scenario = Scenario(
+        server_settings=(("tcp_keepalives_idle", "7"), ("tcp_user_timeout", "5000")),
+        sessions=(
+            Session(),
+            Session(sets=(("tcp_keepalives_idle", "2"),)),
+            Session(sets=(("tcp_keepalives_idle", "1"), ("tcp_keepalives_interval", "1"),
+                          ("tcp_keepalives_count", "2"), ("tcp_user_timeout", "0"))),
+        ),
+        fault=FAULT_NONE,
+        duration=120,
+    )
+    env = LabEnvironment(scenario, IMAGE, run_id=f"pgmeta{secrets.token_hex(3)}", lifetime=180)
+    workdir = tempfile.mkdtemp(prefix="kaobs-pgmeta-")
+    tcpdump = client = None
+    try:
+        env.start()
+        ip = env.server.ip
+        lab = Lab()
+        lab.env = env
+        lab.scenario = scenario
+        lab.superuser_dsn = f"host={ip} user=postgres dbname=postgres sslmode=disable connect_timeout=5"
+        with psycopg.connect(lab.superuser_dsn, password=env.password, autocommit=True) as conn:
+            conn.execute(f"CREATE ROLE monitor LOGIN PASSWORD '{MONITOR_PASSWORD}'")
+            conn.execute("GRANT pg_read_all_settings, pg_read_all_stats TO monitor")
+            conn.execute(f"CREATE ROLE plain LOGIN PASSWORD '{MONITOR_PASSWORD}'")
+        lab.monitor_dsn = f"postgresql://monitor:{MONITOR_PASSWORD}@{ip}:5432/postgres?sslmode=disable"
+        lab.plain_dsn = f"host={ip} user=plain password={MONITOR_PASSWORD} dbname=postgres sslmode=disable"
+        lab.pcap = os.path.join(workdir, "lab.pcap")
+        tcpdump = subprocess.Popen(
+            ["timeout", "170", "tcpdump", "-i", env.bridge, "-U", "-s", "128", "-w", lab.pcap, "tcp", "port", "5432"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        line = tcpdump.stderr.readline()  # "listening on br-...": the capture is running
+        assert "listening on" in line, line
+        client = env.start_client(max_seconds=150)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = client.stdout.readline()
+            if not line:
+                break
+            event = json.loads(line)
+            if event["event"] == "connected":
+                lab.ports[event["session"]] = int(event["local"].rsplit(":", 1)[1])
+            elif event["event"] == "error":
+                pytest.fail(f"lab client: {event['message']}")
+            elif event["event"] == "ready":
+                lab.ready_at = time.time()
+                break
+        assert lab.ready_at and len(lab.ports) == 3, lab.ports
+        lab.client = client
+        yield lab
+    finally:
+        if client is not None and client.poll() is None:
+            client.terminate()
+            try:
+                client.wait(10)
+            except subprocess.TimeoutExpired:
+                client.kill()
+        if tcpdump is not None and tcpdump.poll() is None:
+            tcpdump.send_signal(signal.SIGINT)
+            try:
+                tcpdump.wait(10)
+            except subprocess.TimeoutExpired:
+                tcpdump.kill()
+        env.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _backend_pid(lab: Lab, port: int) -> int | None:
+    with psycopg.connect(lab.superuser_dsn, password=lab.env.password, autocommit=True) as conn:
+        row = conn.execute("SELECT pid FROM pg_stat_activity WHERE client_port = %s", (port,)).fetchone()
+    return row[0] if row else None
+
+
+def test_settings_read_from_the_server_match_the_lab_command_line(lab):
+    with PostgresSource(lab.monitor_dsn) as source:
+        info = source.server_info()
+        readings = {r.name: r for r in source.read_settings()}
+    assert info.address == lab.env.server.ip and info.port == 5432 and info.missing_roles == ()
+    given = {}
+    from kaobs.labenv import server_command
+
+    for arg in server_command(lab.scenario)[1:]:
+        name, _, value = arg.removeprefix("--").partition("=")
+        given[name] = parse_guc_value(name, value)
+    assert given == {"tcp_keepalives_idle": 7, "tcp_user_timeout": 5000}
+    for name, value in given.items():
+        assert readings[name].server_wide == value and readings[name].source == "command line"
+    # not on the command line: 0 = the kernel default, which the server reads back from its TCP socket
+    kernel = lab.env.server_sysctls
+    assert readings["tcp_keepalives_interval"].server_wide == 0 and readings["tcp_keepalives_interval"].source == "default"
+    assert readings["tcp_keepalives_interval"].session == kernel["net.ipv4.tcp_keepalive_intvl"]
+    assert readings["tcp_keepalives_count"].session == kernel["net.ipv4.tcp_keepalive_probes"]
+
+    snapshot = read_server(lab.monitor_dsn, build_expectations(), container=lab.env.server.name)
+    server = snapshot.expectations.server
+    assert (server.idle.value, server.interval.value, server.count.value, server.user_timeout.value) == (
+        7, kernel["net.ipv4.tcp_keepalive_intvl"], kernel["net.ipv4.tcp_keepalive_probes"], 5.0)
+    assert any(f"container {lab.env.server.name}'s network namespace" in line for line in snapshot.view.setting_lines)
+    assert snapshot.view.warnings == []  # the container's sysctls and the socket's read-back agree
+    values = read_container_kernel(lab.env.server.name).values
+    assert values["keepalive_time"] == kernel["net.ipv4.tcp_keepalive_time"]
+
+
+def test_without_pg_read_all_stats_other_sessions_are_hidden(lab):
+    with PostgresSource(lab.plain_dsn) as source:
+        info = source.server_info()
+        backends = [b for b in source.poll_backends() if b.pid != info.own_pid]
+    assert set(info.missing_roles) == {"pg_read_all_settings", "pg_read_all_stats"}
+    assert len(backends) >= 3 and all(b.hidden and b.client_addr is None for b in backends)
+
+
+def test_sessions_are_named_and_a_per_session_set_is_reported(lab):
+    # S0's first server probe is due 7 s after its last packet; give it 7 s plus the timer tolerance.
+    wait = lab.ready_at + 8.0 - time.time()
+    if wait > 0:
+        time.sleep(wait)
+    pcap = _snapshot(lab)
+    try:
+        done = _kaobs("analyze", pcap, "--dsn", lab.monitor_dsn, "--format", "json")
+        text = _kaobs("analyze", pcap, "--dsn", lab.monitor_dsn)
+    finally:
+        os.unlink(pcap)
+    assert MONITOR_PASSWORD not in done.stdout + done.stderr + text.stdout + text.stderr
+    assert done.returncode == 1, done.stderr  # S1 and S2 contradict the server-wide idle
+    doc = json.loads(done.stdout)
+    assert doc["postgres"]["error"] is None and doc["postgres"]["settings"]["tcp_keepalives_idle"]["server_wide"] == 7
+    by_port = {int(c["client"].rsplit(":", 1)[1]): c for c in doc["connections"]}
+    assert set(lab.ports.values()) <= set(by_port)
+    for session, port in lab.ports.items():
+        pg = by_port[port]["postgres"]
+        assert pg["matched"], pg["reason"]
+        backend = pg["backend"]
+        assert backend["pid"] == _backend_pid(lab, port)
+        assert backend["usename"] == "postgres" and backend["datname"] == "postgres"
+        assert backend["application_name"] == f"kaobs-lab-{session}" and backend["state"] == "idle"
+        assert abs(backend["backend_start"] - by_port[port]["start"]) < 2.0
+    s0, s1 = by_port[lab.ports[S0]], by_port[lab.ports[S1]]
+    assert s0["verdict"] == "match" and s0["postgres"]["session_notes"] == []
+    assert s1["verdict"] == "mismatch"
+    [note] = s1["postgres"]["session_notes"]
+    assert "tcp_keepalives_idle server-wide 7 s, packets 2.0" in note
+    assert f"#{s0['id']}" in note and "may have its own setting (SET / options=-c)" in note
+    assert "server-wide value assumed" in note and "SHOW tcp_keepalives_idle" in note
+    assert text.returncode == 1
+    assert f"postgres: backend pid {s1['postgres']['backend']['pid']}, user postgres, database postgres" in text.stdout
+    assert "per-session setting? tcp_keepalives_idle server-wide 7 s" in text.stdout
+    assert "tcp_keepalives_idle = 7 s (pg_settings.source: command line)" in text.stdout
+
+
+def test_unix_socket_dsn_is_refused_with_the_reason(lab):
+    pcap = _snapshot(lab)
+    try:
+        done = _kaobs("analyze", pcap, "--dsn", f"host=/var/run/postgresql user=monitor password={MONITOR_PASSWORD}")
+    finally:
+        os.unlink(pcap)
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("kaobs: error: --dsn host=/var/run/postgresql user=monitor password=***: ")
+    assert "Unix socket" in line and "reports 0 for every keepalive setting" in line
+    assert "#1 " in done.stdout  # the packet analysis still ran
+    assert MONITOR_PASSWORD not in done.stdout + done.stderr
+
+
+def test_wrong_password_is_one_line_exit_2_and_the_packets_are_still_analyzed(lab):
+    pcap = _snapshot(lab)
+    wrong = "Wr0ng-" + secrets.token_hex(4)
+    try:
+        done = _kaobs("analyze", pcap, "--dsn", f"host={lab.env.server.ip} user=monitor password={wrong}")
+        refused = _kaobs("analyze", pcap, "--dsn", f"host={lab.env.server.ip} port=5999 user=monitor", "--format", "json")
+    finally:
+        os.unlink(pcap)
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("kaobs: error: --dsn ") and "authentication failed" in line and 'user "monitor"' in line
+    assert wrong not in done.stdout + done.stderr and "Traceback" not in done.stderr
+    assert "connection(s):" in done.stdout
+    assert refused.returncode == 2
+    [line] = refused.stderr.strip().splitlines()
+    assert f"connection refused at {lab.env.server.ip}:5999" in line
+    doc = json.loads(refused.stdout)
+    assert "connection refused" in doc["postgres"]["error"] and doc["connections"]
+
+
+def test_backend_is_gone_after_a_vanished_clients_abort(lab):
+    """Runs last: it cuts the client off. S2 (idle 1, interval 1, count 2) is aborted ~3 s later."""
+    s2_port = lab.ports[S2]
+    pid = _backend_pid(lab, s2_port)
+    assert pid is not None
+    expectations, live = LivePostgres.start(lab.monitor_dsn, build_expectations(), poll_every=0.2)
+    try:
+        model = _model(_snapshot(lab))
+        live.tick(model.connections, now=time.time())
+        [s2_index] = [c.index for c in model.connections if c.client.port == s2_port]
+        assert live.tracker.pid(s2_index) == pid  # named while alive
+        cut_at = time.time()
+        lab.env.vanish("client")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and s2_index not in live.checks:
+            path = _snapshot(lab)
+            model = _model(path)
+            os.unlink(path)
+            live.tick(model.connections, now=time.time())
+            time.sleep(0.3)
+        s2 = next(c for c in model.connections if c.index == s2_index)
+        assert s2.end_reason == "keepalive_abort", s2.end_reason
+        assert 1.5 < s2.server.reset.t - cut_at < 6.0  # idle <= 1 s, then 2 unanswered probes 1 s apart
+        check = live.checks[s2_index]
+        assert check.status == "gone" and check.pid == pid, check
+        assert _backend_pid(lab, s2_port) is None  # ground truth, as the superuser sees it
+        model.finish()
+        reports = judge_all(model, expectations, model.last_t)
+        view = live.finish(reports)
+    finally:
+        live.close()
+    info = view.connections[s2_index]
+    assert info.backend is not None and info.backend.pid == pid  # named as last seen alive
+    assert info.after_abort.status == "gone" and view.outlived() == []
+    doc = to_json(AnalysisRun(sources=["lab"]), reports, expectations, view)
+    [s2_json] = [c for c in doc["connections"] if c["id"] == s2_index]
+    assert s2_json["end_reason"] == "keepalive_abort"
+    assert s2_json["postgres"]["after_abort"]["status"] == "gone" and s2_json["postgres"]["after_abort"]["pid"] == pid
+    console = Console(record=True, width=250)
+    render_text(console, AnalysisRun(sources=["lab"]), reports, expectations, view)
+    assert f"after the server's keepalive abort: backend pid {pid} is gone from pg_stat_activity" in console.export_text()
