@@ -666,7 +666,7 @@ def session_notes(
             continue
         if agreeing:
             others = ", ".join(f"#{i}" for i in sorted(agreeing)[:5]) + (" ..." if len(agreeing) > 5 else "")
-            why = f"{others} agree: this session may have its own setting (SET / options=-c)"
+            why = f"{others} {'agrees' if len(agreeing) == 1 else 'agree'}: this session may have its own setting (SET / options=-c)"
         else:
             why = ("no connection agrees: the setting may have changed since the capture (pg_settings is read "
                    "now), or this session has its own (SET / options=-c)")

@@ -241,7 +241,7 @@ def test_session_with_its_own_idle_is_noted_while_others_match():
     assert list(notes) == [own_index]
     [text] = notes[own_index]
     assert "tcp_keepalives_idle server-wide 7 s, packets 1.008 s" in text
-    assert "#1 agree" in text and "SET / options=-c" in text and "server-wide value assumed" in text
+    assert "#1 agrees" in text and "SET / options=-c" in text and "server-wide value assumed" in text
     assert "SHOW tcp_keepalives_idle" in text
 
 
