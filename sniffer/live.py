@@ -184,8 +184,10 @@ class LiveCapture:
                     + ", ".join(f"{t.interface} ({t.linktype})" for t in self._taps))
             self.linktype = self._taps[0].linktype
             if self.write_path:
-                from sniffer.pcapwrite import PcapWriter
-
+                try:
+                    from sniffer.pcapwrite import PcapWriter
+                except ImportError as error:  # pragma: no cover - shipped with kaobs
+                    raise CaptureError(f"cannot write pcap files: {error}") from None
                 try:
                     self._writer = PcapWriter(self.write_path, self.linktype, MAX_FRAME)
                 except OSError as error:

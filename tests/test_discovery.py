@@ -166,3 +166,123 @@ def test_find_target_through_a_fake_engine(monkeypatch):
         find_target(network="custom", client=client)
     with pytest.raises(DiscoveryError, match="only one of"):
         find_target(interfaces=["lo"], network="bridge", client=client)
+
+
+# -- privileged: a real container on a network of our own ------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+
+IMAGE = os.environ.get("KAOBS_PG_IMAGE", "kaobs/postgres:15-local")
+LABEL = "kaobs.test"
+
+
+def docker(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, check=check)
+
+
+def remove_labelled(run_id: str) -> None:
+    """Remove what this test created, found by its label (never anything else)."""
+    ids = docker("ps", "-aq", "--filter", f"label={LABEL}={run_id}", check=False).stdout.split()
+    if ids:
+        docker("rm", "-f", *ids, check=False)
+    nets = docker("network", "ls", "-q", "--filter", f"label={LABEL}={run_id}", check=False).stdout.split()
+    if nets:
+        docker("network", "rm", *nets, check=False)
+
+
+def wait_for_postgres(name: str, limit: float = 60) -> None:
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        done = docker("exec", name, "bash", "-c",
+                      "PGPASSWORD=x psql -h \"$(hostname -i | cut -d' ' -f1)\" -U postgres -Atc 'select 1'",
+                      check=False)
+        if done.returncode == 0 and done.stdout.strip() == "1":
+            return
+        time.sleep(0.5)
+    logs = docker("logs", "--tail", "5", name, check=False)
+    pytest.fail(f"postgres in {name} not ready in {limit} s: {logs.stderr[-500:]}")
+
+
+@pytest.fixture
+def postgres_on_our_network():
+    if docker("image", "inspect", IMAGE, check=False).returncode != 0:
+        pytest.fail(f"image {IMAGE} is missing: run bash scripts/setup.sh (it builds it)")
+    run_id = uuid.uuid4().hex[:10]
+    net, pg = f"kaobs-test-{run_id}", f"kaobs-test-pg-{run_id}"
+    try:
+        docker("network", "create", "--internal", "--label", f"{LABEL}={run_id}", net)
+        docker("run", "-d", "--name", pg, "--network", net, "--label", f"{LABEL}={run_id}",
+               "-e", "POSTGRES_PASSWORD=x", IMAGE, "postgres",
+               "-c", "tcp_keepalives_idle=1", "-c", "tcp_keepalives_interval=1", "-c", "tcp_keepalives_count=2")
+        wait_for_postgres(pg)
+        yield {"run_id": run_id, "network": net, "server": pg}
+    finally:
+        remove_labelled(run_id)
+
+
+@pytest.mark.privileged
+def test_container_and_network_discovery_and_sigterm_on_a_real_postgres(postgres_on_our_network, tmp_path):
+    env = postgres_on_our_network
+    net, pg, run_id = env["network"], env["server"], env["run_id"]
+    net_id = docker("network", "inspect", "-f", "{{.Id}}", net).stdout.strip()
+    pg_ip = docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", pg).stdout.strip()
+    bridge = f"br-{net_id[:12]}"
+
+    by_container = find_target(container=pg)
+    assert by_container.interfaces == [bridge] and by_container.hosts == [pg_ip]
+    assert find_target(network=net).interfaces == [bridge]
+    assert bridge in find_target().interfaces  # default: bridges of containers serving 5432
+
+    expect = ["--expect", "tcp_keepalives_idle=1", "--expect", "tcp_keepalives_interval=1",
+              "--expect", "tcp_keepalives_count=2"]
+    pcap = str(tmp_path / "container.pcap")
+    kaobs = [sys.executable, "-m", "kaobs", "watch"]
+    by_name = subprocess.Popen([*kaobs, "--container", pg, "--write", pcap, *expect],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    by_network = subprocess.Popen([*kaobs, "--network", net, "--duration", "25", "--format", "json", *expect],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = f"kaobs-test-client-{run_id}"
+    try:
+        first = by_name.stdout.readline()  # printed once the capture is open
+        assert "watching" in first and bridge in first and f"host {pg_ip}" in first, first
+        time.sleep(1.0)  # the json one is silent: give it the same head start
+        docker("run", "-d", "--name", client, "--network", net, "--label", f"{LABEL}={run_id}",
+               "-e", "PGPASSWORD=x", IMAGE, "bash", "-c",
+               f"(echo 'select 1;'; sleep 40) | psql -h {pg} -U postgres -At")
+        time.sleep(3.5)  # connection up, a few answered server probes (idle 1 s)
+        pid = docker("inspect", "-f", "{{.State.Pid}}", client).stdout.strip()
+        for chain in ("INPUT", "OUTPUT"):  # the client vanishes: nothing in or out of its namespace
+            subprocess.run(["nsenter", "-t", pid, "-n", "iptables", "-I", chain, "-j", "DROP"],
+                           check=True, timeout=20, capture_output=True)
+        time.sleep(4.0)  # two unanswered probes 1 s apart, then the server's RST
+        by_name.send_signal(signal.SIGTERM)
+        rest, err = by_name.communicate(timeout=20)
+        doc_out, doc_err = by_network.communicate(timeout=40)
+    finally:
+        for process in (by_name, by_network):
+            process.kill()
+            process.wait(timeout=10)
+    assert by_name.returncode == 0, err
+    lines = rest.splitlines()
+    assert any("server ABORT (RST) after 2 unanswered" in line for line in lines), rest
+    assert "1 connection(s): 1 match" in rest
+    # the pcap is complete and says the same
+    again = subprocess.run([sys.executable, "-m", "kaobs", "analyze", pcap, "--format", "json", *expect],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    offline = json.loads(again.stdout)
+    [conn] = offline["connections"]
+    assert conn["server"] == f"{pg_ip}:5432" and conn["end_reason"] == "keepalive_abort" and conn["verdict"] == "match"
+    # the network-wide watch saw the same connection
+    assert by_network.returncode == 0, doc_err
+    doc = json.loads(doc_out)
+    [seen] = doc["connections"]
+    assert seen["client"] == conn["client"] and seen["end_reason"] == "keepalive_abort"
+    assert [p["t"] for p in seen["sides"]["server"]["probes"]] == pytest.approx(
+        [p["t"] for p in conn["sides"]["server"]["probes"]], abs=0.001)

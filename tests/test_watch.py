@@ -295,3 +295,149 @@ def test_json_output_contract_on_replay(capsys):
     doc = json.loads(json.dumps(to_json(run, reports, build_expectations(SEED_EXPECT))))
     assert doc["summary"] == {"connections": 1, "match": 1, "mismatch": 0, "unverified": 0, "no_keepalive": 0}
     assert doc["input"]["sources"] == ["live:fake0"]
+
+
+# -- privileged: the real command on a namespace of our own --------------------------------
+
+NETNS_EXPECT = ["--expect", "tcp_keepalives_idle=1", "--expect", "tcp_keepalives_interval=1",
+                "--expect", "tcp_keepalives_count=2"]
+
+
+def kaobs_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kaobs", *args]
+
+
+def wait_for_line(stream, needle: str, limit: float) -> str:
+    """Read lines from a subprocess pipe until one contains `needle` (bounded by `limit` seconds)."""
+    found: list[str] = []
+
+    def reader():
+        for line in stream:
+            found.append(line)
+            if needle in line:
+                return
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    thread.join(limit)
+    assert found and needle in found[-1], f"no {needle!r} within {limit} s: {found}"
+    return "".join(found)
+
+
+def server_probes(doc: dict) -> list[tuple[int, str, bool | None]]:
+    [conn] = doc["connections"]
+    return [(p["frame"], p["kind"], p["answered"]) for p in conn["sides"]["server"]["probes"]]
+
+
+def pcap_records(path: str) -> list[tuple[int, int, bytes]]:
+    """(caplen, wirelen, data) of every record of a classic pcap file, checked for consistency."""
+    import struct
+
+    with open(path, "rb") as f:
+        data = f.read()
+    magic = data[:4]
+    assert magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1"), magic  # little-endian pcap, us or ns
+    _, _, _, _, snaplen, linktype = struct.unpack_from("<HHiIII", data, 4)
+    records, pos = [], 24
+    while pos < len(data):
+        assert pos + 16 <= len(data), "record header cut short"
+        _, _, caplen, wirelen = struct.unpack_from("<IIII", data, pos)
+        assert caplen <= wirelen and pos + 16 + caplen <= len(data), "record cut short"
+        records.append((caplen, wirelen, data[pos + 16:pos + 16 + caplen]))
+        pos += 16 + caplen
+    assert linktype == 1
+    return records
+
+
+def assert_headers_only(path: str) -> int:
+    from sniffer.frames import frame_header_end
+
+    records = pcap_records(path)
+    for caplen, wirelen, frame in records:
+        end = frame_header_end(1, frame)
+        assert end is not None and caplen == end, (caplen, wirelen, end)
+    with open(path, "rb") as f:
+        raw = f.read()
+    assert b"hello" not in raw  # the client's payload
+    return len(records)
+
+
+@pytest.mark.privileged
+def test_watch_json_reports_the_probes_and_its_pcap_says_the_same(tmp_path):
+    from tests.test_live import netns_peer, vanishing_client_scenario
+
+    pcap = str(tmp_path / "watch.pcap")
+    with netns_peer() as peer:
+        watch = subprocess.Popen(
+            kaobs_cmd("watch", "--interface", peer.host_if, "--duration", "9", "--format", "json", "--write", pcap,
+                      *NETNS_EXPECT),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(2.0)  # json mode is silent: give the capture time to open
+            scenario = vanishing_client_scenario(peer)
+            out, err = watch.communicate(timeout=30)
+        finally:
+            watch.kill()
+            watch.wait(timeout=10)
+    assert scenario["outcome"] == "Connection timed out"
+    assert watch.returncode == 0, err
+    doc = json.loads(out)
+    [conn] = doc["connections"]
+    server = conn["sides"]["server"]
+    assert conn["verdict"] == "match" and conn["end_reason"] == "keepalive_abort"
+    assert server["abort"]["reason"] == "keepalive_count"
+    assert server["observed"]["count"] == 2
+    assert server["observed"]["interval"] == pytest.approx(1.0, abs=0.1)
+    assert [p["answered"] for p in server["probes"]][-2:] == [False, False]
+    assert doc["input"]["sources"] == [f"live:{peer.host_if}"]
+    assert doc["input"]["end"] - doc["input"]["start"] == pytest.approx(9.0, abs=0.5)
+    # the capture file, analysed offline, gives the same probes (frame numbers included) and verdict
+    packets = assert_headers_only(pcap)
+    assert packets == doc["input"]["packets"]
+    again = subprocess.run(kaobs_cmd("analyze", pcap, "--format", "json", *NETNS_EXPECT),
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    offline = json.loads(again.stdout)
+    assert server_probes(offline) == server_probes(doc)
+    assert offline["connections"][0]["verdict"] == "match"
+    assert offline["connections"][0]["sides"]["server"]["abort"] == server["abort"]
+
+
+@pytest.mark.privileged
+def test_watch_lines_alarm_and_sigterm_give_the_final_report_and_a_valid_pcap(tmp_path):
+    """Non-tty output: one line per event; the peer-silent alarm; SIGTERM ends it with the report."""
+    from tests.test_live import netns_peer, vanishing_client_scenario
+
+    pcap = str(tmp_path / "term.pcap")
+    with netns_peer() as peer:
+        watch = subprocess.Popen(
+            kaobs_cmd("watch", "--interface", peer.host_if, "--write", pcap, *NETNS_EXPECT),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            head = wait_for_line(watch.stdout, "watching", 20)
+            assert "until Ctrl-C" in head
+            vanishing_client_scenario(peer)
+            time.sleep(0.5)
+            t_term = time.time()
+            watch.send_signal(signal.SIGTERM)
+            rest, err = watch.communicate(timeout=15)
+            ended_in = time.time() - t_term
+        finally:
+            watch.kill()
+            watch.wait(timeout=10)
+    assert watch.returncode == 0, err
+    assert ended_in < 3
+    lines = rest.splitlines()
+    assert any("new connection" in line for line in lines)
+    assert sum("server keepalive probe" in line for line in lines) >= 3
+    assert any("client answered server probe #1" in line for line in lines)
+    [alarm] = [line for line in lines if " ALARM " in line]
+    assert "2 of 2 probes unanswered" in alarm
+    abort = next(i for i, line in enumerate(lines) if "server ABORT (RST) after 2 unanswered" in line)
+    assert lines.index(alarm) < abort
+    assert any(line.startswith("#1 ") and "MATCH" in line for line in lines[abort:])  # the final report
+    assert "1 connection(s): 1 match" in rest
+    assert f"capture written to {pcap} (headers only)" in rest
+    assert_headers_only(pcap)
+    offline = subprocess.run(kaobs_cmd("analyze", pcap, *NETNS_EXPECT), capture_output=True, text=True, timeout=60)
+    assert offline.returncode == 0 and "1 connection(s): 1 match" in offline.stdout
