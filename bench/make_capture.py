@@ -60,6 +60,7 @@ _HEADERS = Struct("!6s6sH BBHHHBBH4s4s HHIIBBHHH BBBBII")
 _SYN_HEADERS = Struct("!6s6sH BBHHHBBH4s4s HHIIBBHHH BBH BB BBII B BBB")
 
 CLIENT, SERVER = 0, 1
+GENERATOR_VERSION = 1  # bump when the traffic changes, so benchmarks stop reusing old captures
 TAG_KEEPALIVE, TAG_WINDOW = "keepalive", "window"
 
 
@@ -532,8 +533,8 @@ def connections(net: Network, duration_hint: float) -> Iterator[tuple[float, Ite
     """(start time, packet generator) of every connection, in start order, forever.
 
     Rates per second of capture: ~8 pooled pgbench clients always busy (3 of
-    them open before the capture), 4 short connections, 2.5 idle
-    keepalive connections, 0.25 zero-window stalls.
+    them open before the capture), 4 short connections, 10 idle
+    keepalive connections, 0.5 zero-window stalls.
     """
     rng = net.rng
     t = EPOCH
@@ -543,7 +544,7 @@ def connections(net: Network, duration_hint: float) -> Iterator[tuple[float, Ite
         life = rng.uniform(duration_hint * 0.3, duration_hint * 1.5)
         yield t + i * 0.0007, pooled(f, t + i * 0.0007, t + life, preexisting)
     kinds = ("short", "keepalive", "zero_window", "pooled")
-    weights = (4.0, 2.5, 0.25, 0.12)
+    weights = (4.0, 10.0, 0.5, 0.12)
     rate = sum(weights)
     styles = ("answered", "answered", "both", "dead_client", "dead_client", "dead_server")
     while True:
@@ -615,6 +616,7 @@ def generate(path: str, packets: int, seed: int, snaplen: int) -> dict:
     out.write(b"".join(chunk))
     out.close()
     return {
+        "generator": GENERATOR_VERSION,
         "packets": frame,
         "seed": seed,
         "snaplen": snaplen,
