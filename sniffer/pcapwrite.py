@@ -1,0 +1,220 @@
+"""Write classic pcap files that keep packet headers only, for live capture and rewriting.
+
+kaobs needs the TCP header and the lengths, never the payload: a capture of a
+Postgres connection holds query text, results and sometimes passwords, so a
+file kaobs writes keeps, by default, each frame up to the end of its TCP
+header (for other IP packets, the end of the IP header; for anything else, the
+link header). The record's original length on the wire is kept, and the IP
+header still says how long the packet was, so kaobs, tcpdump and tshark still
+see the true sizes and payload lengths ("[Packet size limited during capture]").
+
+The file is written with unbuffered writes of whole records, flushed after
+every record by default: a writer killed with SIGKILL leaves a readable file
+in which at most the last record is cut, and the reader reports such a cut
+as a warning.
+
+Output is always classic pcap (one link type per file): it is what every tool
+reads. `strip_payloads` therefore refuses a pcapng whose interfaces have
+different link types, rather than writing several files, and names the way to
+split it.
+"""
+from __future__ import annotations
+
+import os
+from struct import Struct
+from types import TracebackType
+
+from sniffer.frames import frame_snap_end, linktype_name, make_buffer_parser
+from sniffer.pcapfile import CaptureStats, Warn, walk_records
+from sniffer.records import CaptureError
+
+DEFAULT_SNAPLEN = 262144
+"""tcpdump's default: a whole frame fits, so `full=True` keeps everything."""
+
+_USEC_MAGIC, _NSEC_MAGIC = 0xA1B2C3D4, 0xA1B23C4D
+_FILE_HEADER = Struct("=IHHiIII")
+_RECORD_HEADER = Struct("=IIII")
+
+
+def _readable(linktype: int) -> bool:
+    """True if `sniffer.frames` can find the headers in frames of this link type."""
+    try:
+        make_buffer_parser(linktype)
+    except CaptureError:
+        return False
+    return True
+
+
+class PcapWriter:
+    """A classic pcap being written; use as a context manager or call `close()`.
+
+    ``PcapWriter(path, linktype, snaplen)`` creates (or truncates) `path` and
+    writes the file header at once, so even a capture that sees no packet
+    leaves a valid file. `nsec` writes nanosecond timestamps; `name` is
+    what messages call the file (default: `path`). Records are
+    written to the file every `flush_every` records (1: each record, the
+    default, which is what a capture that may be killed wants) and on
+    `flush()`/`close()`. Host byte order, as libpcap writes.
+
+    Raises CaptureError (one line) for a path that cannot be written or a
+    link type whose headers kaobs cannot find.
+    """
+
+    def __init__(self, path: str | os.PathLike, linktype: int, snaplen: int = DEFAULT_SNAPLEN, *,
+                 nsec: bool = False, flush_every: int = 1, name: str | None = None):
+        if not 0 < snaplen <= 0x7FFFFFFF:
+            raise ValueError(f"snaplen must be positive, not {snaplen}")
+        if not _readable(linktype):  # the headers-only cut must understand the frames
+            raise CaptureError(f"cannot write headers-only captures of link type {linktype} "
+                               f"({linktype_name(linktype)})")
+        self.path = path
+        self.name = name or os.fsdecode(os.fspath(path))
+        self.linktype = linktype
+        self.snaplen = snaplen
+        self.nsec = nsec
+        self.units = 10**9 if nsec else 10**6
+        self.flush_every = max(1, flush_every)
+        self.records = 0
+        self.bytes_dropped = 0
+        """Captured bytes not written because they were payload (or beyond the snaplen)."""
+        self._pending: list[bytes] = []
+        try:
+            self._file = open(path, "wb", buffering=0)
+        except OSError as error:
+            raise self._error("cannot write", error) from None
+        self._pending.append(_FILE_HEADER.pack(_NSEC_MAGIC if nsec else _USEC_MAGIC, 2, 4, 0, 0,
+                                               snaplen, linktype))
+        self.flush()
+
+    def _error(self, what: str, error: OSError) -> CaptureError:
+        return CaptureError(f"{what} {self.name}: {error.strerror or error}")
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+    def write(self, frame: bytes | bytearray | memoryview, t: float, wirelen: int | None = None,
+              full: bool = False) -> int:
+        """Append one frame captured at `t` (seconds since the epoch); returns the bytes kept.
+
+        `wirelen` is the frame's length on the wire (default: ``len(frame)``);
+        pass the original one when the frame was already cut by a snaplen.
+        Without `full`, the frame is cut where its headers end.
+        """
+        if self._file.closed:
+            raise ValueError(f"write to closed PcapWriter for {self.name}")
+        size = len(frame)
+        keep = size if full else frame_snap_end(self.linktype, frame)
+        if keep > self.snaplen:
+            keep = self.snaplen
+        self.bytes_dropped += size - keep
+        if wirelen is None or wirelen < size:
+            wirelen = size
+        seconds = int(t)
+        fraction = round((t - seconds) * self.units)
+        if fraction >= self.units:  # 0.9999999996 s rounds up into the next second
+            seconds, fraction = seconds + 1, fraction - self.units
+        elif fraction < 0:
+            seconds, fraction = seconds - 1, fraction + self.units
+        self._pending.append(_RECORD_HEADER.pack(seconds & 0xFFFFFFFF, fraction, keep, wirelen))
+        self._pending.append(bytes(frame[:keep]))
+        self.records += 1
+        if self.records % self.flush_every == 0:
+            self.flush()
+        return keep
+
+    def flush(self) -> None:
+        """Write what is pending, whole records in one system call."""
+        if not self._pending:
+            return
+        data = memoryview(b"".join(self._pending))
+        self._pending.clear()
+        try:
+            while data:
+                written = self._file.write(data)
+                data = data[written:]
+        except OSError as error:
+            raise self._error("cannot write", error) from None
+
+    def close(self) -> None:
+        """Flush and close; closing twice is harmless."""
+        if self._file.closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._file.close()
+
+    def __enter__(self) -> "PcapWriter":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def strip_payloads(src: str | os.PathLike, dst: str | os.PathLike, *, warn: Warn | None = None,
+                   full: bool = False) -> CaptureStats:
+    """Rewrite any capture kaobs reads (pcap, pcapng) as a headers-only classic pcap.
+
+    Every packet record is kept, in order, with its timestamp and original
+    length; only the bytes after the headers go (with `full`, nothing goes:
+    a plain pcapng-to-pcap conversion). The output has one link type, so a
+    pcapng whose interfaces have different link types is refused with a
+    CaptureError naming them. Timestamps are nanoseconds if the first
+    interface's are finer than microseconds, else microseconds.
+
+    `dst` is written through a temporary file beside it and renamed at the
+    end: an error never leaves a half-written `dst`, and `dst` may be `src`.
+    A damaged tail of `src` is reported through `warn` (see CaptureReader);
+    the records before it are written. Returns the reader's statistics;
+    ``stats.packets`` records were written.
+    """
+    dst_name = os.fsdecode(os.fspath(dst))
+    src_name = os.fsdecode(os.fspath(src))
+    directory = os.path.dirname(os.path.abspath(dst_name))
+    partial = os.path.join(directory, f".{os.path.basename(dst_name)}.{os.getpid()}.partial")
+    writers: list[PcapWriter] = []
+    linktypes: list[int] = []
+
+    def handler_for(linktype: int, units: int):
+        if not writers:
+            if not _readable(linktype):
+                raise CaptureError(f"{src_name}: cannot write headers-only captures of link type "
+                                   f"{linktype} ({linktype_name(linktype)})")
+            writers.append(PcapWriter(partial, linktype, nsec=units > 10**6, flush_every=4096, name=dst_name))
+            linktypes.append(linktype)
+        elif linktype != linktypes[0]:
+            raise CaptureError(
+                f"{src_name} has interfaces of different link types ({linktypes[0]} "
+                f"{linktype_name(linktypes[0])}, {linktype} {linktype_name(linktype)}); a pcap holds one: "
+                "split it first, e.g. tshark -r SRC -Y 'frame.interface_id == 0' -w PART")
+        writer = writers[0]
+        write = writer.write
+
+        def handle(buf, start: int, end: int, frame: int, t: float, wirelen: int):
+            write(memoryview(buf)[start:end], t, wirelen, full)
+            return None
+
+        return handle
+
+    records, stats = walk_records(src, handler_for, warn=warn)
+    try:
+        for _ in records:
+            pass
+        if not writers:  # no interface at all (a pcapng with only a section header)
+            writers.append(PcapWriter(partial, 1, name=dst_name))
+        writers[0].close()
+        try:
+            os.replace(partial, dst_name)
+        except OSError as error:
+            raise CaptureError(f"cannot write {dst_name}: {error.strerror or error}") from None
+    except BaseException:
+        for writer in writers:
+            writer.close()
+        try:
+            os.unlink(partial)
+        except OSError:
+            pass
+        raise
+    return stats
