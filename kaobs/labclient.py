@@ -14,7 +14,7 @@ on stdout (``{"event": "connected", ...}``), so the lab can show it and match
 connections on the wire to sessions by their local port.
 
 A session with ``stop_reading`` sends a query with a large result and never
-reads it, with a small receive buffer: the server's send queue fills and it
+reads it: once the client's receive buffer is full the server's send queue fills and it
 probes the zero window (persist timer), which must not be taken for
 keepalives.
 
@@ -41,7 +41,6 @@ from psycopg.conninfo import make_conninfo
 # The result a stop-reading session asks for and never reads: ~200 MB, far more
 # than any socket buffer, so the server's send queue stays full until the end.
 BIG_RESULT_QUERY = b"SELECT repeat('x', 1000) FROM generate_series(1, 200000)"
-SMALL_RCVBUF = 4096
 SHOWN_SETTINGS = ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count", "tcp_user_timeout")
 CONNECT_TIMEOUT_S = 10
 
@@ -111,12 +110,9 @@ class Session:
         """Ask for a huge result and never read it: the window closes, the server's queue fills."""
         assert self.conn is not None
         pgconn = self.conn.pgconn
-        sock = socket.socket(fileno=os.dup(pgconn.socket))
-        try:
-            # Shrinks the buffer from now on (the window already offered is kept).
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
-        finally:
-            sock.close()
+        # The receive buffer is left alone: shrinking it under an offered
+        # window makes the kernel drop data in flight, and the server then
+        # retransmits (RTO backoff) instead of probing a clean zero window.
         pgconn.send_query(BIG_RESULT_QUERY)
         while pgconn.flush() != 0:
             time.sleep(0.01)

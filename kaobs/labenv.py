@@ -897,7 +897,7 @@ class LabRun:
             shown = ", ".join(f"{k}={v}" for k, v in record.get("settings", {}).items())
             self._note(kind, f"session {session} runs {shown}", **record)
         elif kind == "stopped_reading":
-            self._note(kind, f"session {session} asked for a large result and stopped reading (receive buffer shrunk)", **record)
+            self._note(kind, f"session {session} asked for a large result and stopped reading ", **record)
         elif kind == "ready":
             self.ready_t = record.get("t", time.time())
             self._note(kind, f"client idle with {record.get('sessions')} session(s)", **record)
