@@ -286,8 +286,8 @@ def lab_command() -> click.Command:
                 fault=fault, answered=answered, fault_after=fault_after, duration=duration, port=ports[0])
             user = (tuple(expect), client_dsn, tuple(sysctls))
             build_expectations(expect, client_dsn, sysctls)  # bad --expect: one line now, not after the run
-            check_tools()
             check_docker()
+            check_tools()
             check_image(image)
         except (LabError, ExpectationError) as error:
             raise UserError(str(error)) from None
