@@ -419,7 +419,8 @@ class CaptureReader:
 
     `dedupe` drops the copies of one packet captured on several interfaces;
     None means "only for Linux cooked captures" (``tcpdump -i any``), where
-    a packet crossing a bridge is seen once per interface.
+    a packet crossing a bridge is seen once per interface, and for pcapng
+    files that declare several interfaces (``dumpcap -i veth0 -i docker0``).
     """
 
     def __init__(self, path: str | os.PathLike, *, warn: Warn | None = None,
@@ -430,27 +431,44 @@ class CaptureReader:
         self.dedupe = dedupe
         self.stats = CaptureStats(format=self.format)
         self._recent = _RecentHeaders()
+        self._interfaces = 0
+        self._several = [False]
 
     def __iter__(self) -> Iterator[TcpSegment]:
         self.stats = CaptureStats(format=self.format)
         self._recent = _RecentHeaders()
+        self._interfaces = 0
+        self._several = [False]
         return _walk(self.path, self.name, self.format, self.stats, self.warn,
                      self._handler_for)  # type: ignore[return-value]
 
     def _handler_for(self, linktype: int, units: int) -> Handler:
         parse = _parser_or_error(linktype, self.name)
-        if not (linktype in _COOKED if self.dedupe is None else self.dedupe):
+        self._interfaces += 1
+        if self._interfaces == 2:
+            self._several[0] = True
+        if self.dedupe is False or (self.dedupe is None and linktype not in _COOKED
+                                    and self.format != "pcapng"):
             return parse
-        return _deduplicating(parse, make_dedupe_key(linktype), self._recent, self.stats)
+        if linktype in _COOKED or self.format != "pcapng":
+            # The cooked v2 header names the interface; v1 and classic pcap do not (None).
+            return _deduplicating(parse, make_dedupe_key(linktype), self._recent, self.stats)
+        # pcapng holding one packet on several interfaces (dumpcap -i veth -i docker0): the
+        # interface is the IDB; with dedupe=None, only once a second interface is declared.
+        return _deduplicating(parse, make_dedupe_key(linktype), self._recent, self.stats,
+                              ("idb", self._interfaces),
+                              self._several if self.dedupe is None else None)
 
 
-def _deduplicating(parse: Handler, key_of, recent: _RecentHeaders,
-                   stats: CaptureStats) -> Handler:
+def _deduplicating(parse: Handler, key_of, recent: _RecentHeaders, stats: CaptureStats,
+                   interface: object = None, several: list[bool] | None = None) -> Handler:
+    """Drop copies; `interface` overrides the key's, `several[0]` False pauses the check."""
     def handle(buf, start: int, end: int, frame: int, t: float, wirelen: int):
         segment = parse(buf, start, end, frame, t, wirelen)
-        if segment is not None:
+        if segment is not None and (several is None or several[0]):
             key = key_of(buf, start, end)
-            if key is not None and recent.is_copy(key[0], key[1], t):
+            if key is not None and recent.is_copy(
+                    key[0], key[1] if interface is None else interface, t):
                 stats.duplicates += 1
                 return None
         return segment

@@ -429,6 +429,58 @@ def test_pcapng_any_capture_dedupes_across_interfaces(tmp_path):
     assert [s.frame for s in segments] == [1, 3] and stats.duplicates == 1
 
 
+def _two_interface_capture(linktypes=(LINKTYPE_ETHERNET, LINKTYPE_ETHERNET)) -> tuple[bytes, list[Tcp], list[int]]:
+    """A server probing a dead client, captured by dumpcap on the veth and on the bridge."""
+    c, s = 1000, 900000
+    packets = [Tcp(CLIENT4, SERVER4, 45734, 5432, c, 0, 0x02, 64240, ident=1),
+               Tcp(SERVER4, CLIENT4, 5432, 45734, s, c + 1, 0x12, 65160, ident=0),
+               Tcp(CLIENT4, SERVER4, 45734, 5432, c + 1, s + 1, ACK, 502, ident=2)]
+    offsets = [0.0, 0.0001, 0.0002]
+    for i, t in enumerate([3.0, 5.0, 7.0]):  # unanswered probes: identical but for the IP ID
+        packets.append(Tcp(SERVER4, CLIENT4, 5432, 45734, s, c + 1, ACK, 509, ident=10 + i))
+        offsets.append(t)
+    packets.append(Tcp(SERVER4, CLIENT4, 5432, 45734, s + 1, c + 1, 0x14, 509, ident=20))
+    offsets.append(9.0)
+    stamps = [times(1)[0] + int(o * 1e9) for o in offsets]
+    blocks = [shb(), idb(linktypes[0]), idb(linktypes[1])]
+    for p, t in zip(packets, stamps):
+        blocks += [epb(0, t, frame_for(linktypes[0], p)), epb(1, t + 20_000, frame_for(linktypes[1], p))]
+    return b"".join(blocks), packets, stamps
+
+
+@pytest.mark.parametrize("linktypes", [(1, 1), (1, LINKTYPE_SLL2), (LINKTYPE_SLL2, 1), (LINKTYPE_RAW, 1)],
+                         ids=["ether+ether", "ether+sll2", "sll2+ether", "raw+ether"])
+def test_pcapng_one_packet_on_two_interfaces_counts_once(tmp_path, linktypes):
+    data, packets, stamps = _two_interface_capture(linktypes)
+    path = write(tmp_path, "two.pcapng", data)
+    segments, stats, _ = read(path)
+    assert_same(segments, expected(packets, list(range(1, 14, 2)), stamps))
+    assert (stats.packets, stats.duplicates) == (14, 7)
+    assert len(read(path, dedupe=False)[0]) == 14
+
+
+def test_pcapng_single_interface_repeats_are_kept(tmp_path):
+    """One interface: identical headers 1 us apart are two packets (same as in a classic pcap)."""
+    p = conversation(CLIENT6, SERVER6)[6]
+    t0 = times(1)[0]
+    path = write(tmp_path, "one.pcapng", b"".join([shb(), idb(1), epb(0, t0, frame_for(1, p)),
+                                                    epb(0, t0 + 1000, frame_for(1, p))]))
+    assert len(read(path)[0]) == 2
+    assert len(read(path, dedupe=True)[0]) == 2  # the interface is known: never a copy of itself
+
+
+def test_cli_two_interface_pcapng_gives_the_verdict_of_one(tmp_path, capsys):
+    data, _, _ = _two_interface_capture()
+    expect = ["--expect", "tcp_keepalives_idle=3", "--expect", "tcp_keepalives_interval=2",
+              "--expect", "tcp_keepalives_count=3", "--format", "json"]
+    code, out, err = cli(capsys, "analyze", str(write(tmp_path, "two.pcapng", data)), *expect)
+    assert code == 0, err
+    doc = json.loads(out)
+    [conn] = doc["connections"]
+    assert conn["verdict"] == "match" and conn["sides"]["server"]["keepalive_probes"] == 3
+    assert doc["input"]["duplicates_dropped"] == 7
+
+
 # --- errors and damaged files -------------------------------------------------------------
 
 def test_errors_are_one_line_capture_errors(tmp_path):
