@@ -49,6 +49,9 @@ _HEAD = 64
 DEDUPE_WINDOW = 0.010
 """Copies of one packet on several interfaces are microseconds apart; probes are seconds."""
 _DEDUPE_MEMORY = 4096
+_DEDUPE_HORIZON = 2.0
+"""How long keys are remembered: dumpcap writes each interface's packets as its
+buffer fills, so a pcapng of several interfaces can go back in time by tens of ms."""
 
 # Classic pcap magic -> (byte order, timestamp units per second, record header size).
 _PCAP_MAGICS = {
@@ -379,13 +382,16 @@ def _walk_pcapng(path, name: str, stats: CaptureStats, warn: Warn,
 class _RecentHeaders:
     """Header keys seen in the last few milliseconds, to drop per-interface copies.
 
-    Memory is bounded: keys older than the window, or beyond a fixed count,
-    are forgotten.
+    Memory is bounded: keys older than the horizon (longer than the window,
+    since packets of different interfaces may come out of time order), or
+    beyond a fixed count, are forgotten.
     """
 
-    def __init__(self, window: float = DEDUPE_WINDOW, capacity: int = _DEDUPE_MEMORY):
+    def __init__(self, window: float = DEDUPE_WINDOW, capacity: int = _DEDUPE_MEMORY,
+                 horizon: float = _DEDUPE_HORIZON):
         self.window = window
         self.capacity = capacity
+        self.horizon = max(horizon, window)
         self._last: dict[bytes, tuple[float, tuple]] = {}
         self._order: deque[tuple[float, bytes]] = deque()
 
@@ -395,7 +401,7 @@ class _RecentHeaders:
         With no interface information (Linux cooked v1), any recent match is a copy.
         """
         last, order = self._last, self._order
-        while order and (t - order[0][0] > self.window or len(order) > self.capacity):
+        while order and (t - order[0][0] > self.horizon or len(order) > self.capacity):
             old_t, old_key = order.popleft()
             seen = last.get(old_key)
             if seen is not None and seen[0] == old_t:

@@ -459,6 +459,19 @@ def test_pcapng_one_packet_on_two_interfaces_counts_once(tmp_path, linktypes):
     assert len(read(path, dedupe=False)[0]) == 14
 
 
+def test_pcapng_interfaces_written_out_of_time_order(tmp_path):
+    """dumpcap flushes each interface's buffer in turn: here the bridge's copies follow
+    100 ms of the veth's packets, so the file goes back in time; each copy is still one."""
+    packets = conversation()
+    stamps = [times(1)[0] + i * 20_000_000 for i in range(len(packets))]
+    blocks = [shb(), idb(1), idb(1)]
+    blocks += [epb(0, t, frame_for(1, p)) for t, p in zip(stamps, packets)]
+    blocks += [epb(1, t + 15_000, frame_for(1, p)) for t, p in zip(stamps, packets)]
+    segments, stats, _ = read(write(tmp_path, "late.pcapng", b"".join(blocks)))
+    assert_same(segments, expected(packets, list(range(1, 10)), stamps))
+    assert stats.duplicates == 9
+
+
 def test_pcapng_single_interface_repeats_are_kept(tmp_path):
     """One interface: identical headers 1 us apart are two packets (same as in a classic pcap)."""
     p = conversation(CLIENT6, SERVER6)[6]
