@@ -89,7 +89,8 @@ class LiveMonitor:
                 next_probe = None
         elif not unanswered and idle and endpoint.last_accepted is not None and endpoint.quiet_clean:
             next_probe = endpoint.last_accepted + idle
-            if endpoint.series_probes and endpoint.probes and endpoint.probes[-1].kind == "window":
+            if endpoint.probes and endpoint.probes[-1].kind == "window" and (
+                    endpoint.series_probes or conn.peer(endpoint).window == 0):
                 next_probe = None  # persist timer running: keepalive is off while data waits
         return SideOutlook(role, len(keepalives), unanswered, next_probe, abort_due, source)
 

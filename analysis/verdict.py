@@ -358,7 +358,7 @@ def simulate(
                 checks.append(Check("interval", False, due, f"probe due at {rel(due)} did not come; the capture runs to {rel(end)} ({tolerance.basis})"))
         return checks
     if idle is not None:
-        quiet = _trailing_quiet(endpoint, view, end)
+        quiet = None if blocked_by_zero_window(endpoint, peer) else _trailing_quiet(endpoint, view, end)
         tolerance = timer_tolerance(idle, hz)
         if quiet is not None and quiet[1] - quiet[0] > idle + tolerance.late:
             checks.append(
@@ -375,6 +375,16 @@ def simulate(
 def _previous_probe(view: list[ProberProbe], p: ProberProbe) -> ProberProbe | None:
     i = view.index(p)
     return view[i - 1] if i > 0 else None
+
+
+def blocked_by_zero_window(endpoint: Endpoint, peer: Endpoint) -> bool:
+    """The side's last probe was a zero-window probe and the peer's window is still closed.
+
+    Its data waits in the send queue, so the persist timer runs and the
+    keepalive timer does not (KEEPALIVE.md): the silence after the peer's
+    zero-window ACK is not keepalive idle, even though nothing is in flight.
+    """
+    return bool(endpoint.probes) and endpoint.probes[-1].kind == "window" and peer.window == 0
 
 
 def _trailing_quiet(endpoint: Endpoint, view: list[ProberProbe], end: float) -> tuple[float, float] | None:

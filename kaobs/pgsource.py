@@ -547,3 +547,30 @@ class LivePostgres:
 
     def close(self) -> None:
         self.source.close()
+
+
+def start_live(
+    dsn: str, expectations: Expectations, sysctls: Sequence[str], container: str | None,
+    say_error: Callable[[str], None],
+) -> tuple[Expectations, LivePostgres | None, str | None]:
+    """`kaobs watch --dsn`: read the server and keep a connection for the watch; on failure one line, no database.
+
+    Returns (expectations, the LivePostgres or None, the error line or None).
+    The watch goes on without the database after an error, and exits 2 at
+    the end, like `kaobs analyze --dsn`.
+    """
+    try:
+        expectations, live = LivePostgres.start(dsn, expectations, sysctls, container)
+    except PostgresError as error:
+        say_error(str(error))
+        return expectations, None, str(error)
+    return expectations, live, None
+
+
+def live_lines(live: LivePostgres, connections: Sequence, now: float | None = None) -> list[str]:
+    """One tick of `live` as lines for the live view: each backend checked after its connection's abort."""
+    lines = []
+    for check in live.tick(connections, now):
+        prefix = "FINDING " if check.outlived else ""  # type: ignore[attr-defined]
+        lines.append(f"postgres: {prefix}{check.detail}")  # type: ignore[attr-defined]
+    return lines

@@ -280,3 +280,29 @@ def test_wire_watch_counts_answered_probes_per_side_and_ends():
     assert answered == {(1, SERVER): 2}
     assert answered.get((1, CLIENT), 0) == 0
     assert ended == {1} and last_end == pytest.approx(conv.t0 + 13.0)
+
+
+# -- a verdict the zero-window scenario relies on -------------------------------------------------
+
+
+def test_silence_after_zero_window_probes_is_not_keepalive_idle():
+    """The persist timer backs off to gaps longer than the idle; the keepalive timer is off meanwhile."""
+    from analysis.analyze import judge_all
+    from analysis.model import KeepaliveModel
+    from analysis.expect import build_expectations
+    from analysis.live import LiveMonitor
+
+    conv = Conversation().handshake().exchange(0.01)
+    conv.data("server", 0.05, 1448)
+    conv.set_window("client", 0).ack("client", 0.06)
+    for t in (0.3, 0.7, 1.5, 3.1, 6.3, 12.7):
+        conv.probe("server", t).answer("client", t + 0.0001)
+    expectations = build_expectations(["tcp_keepalives_idle=3", "tcp_keepalives_interval=2", "tcp_keepalives_count=3"])
+    model = KeepaliveModel([5432]).feed_all(conv.segments)
+    end = conv.t0 + 20.0  # the capture runs on, 7.3 s after the last zero-window ACK
+    model.finish(end)
+    (report,) = judge_all(model, expectations, end)
+    assert report.server.window_probe_count == 6 and report.server.probes == []
+    assert report.verdict != "mismatch", [f.detail for f in report.server.findings]
+    outlook = LiveMonitor(model, expectations).outlook(model.connections[0], SERVER)
+    assert outlook.next_probe is None, "no keepalive is due while the window is closed"

@@ -307,3 +307,19 @@ def test_backend_is_gone_after_a_vanished_clients_abort(lab):
     console = Console(record=True, width=250)
     render_text(console, AnalysisRun(sources=["lab"]), reports, expectations, view)
     assert f"after the server's keepalive abort: backend pid {pid} is gone from pg_stat_activity" in console.export_text()
+
+
+def test_timeout_is_one_line(lab):
+    """After the client was cut off (iptables DROP in its namespace) its address answers nothing: a timeout."""
+    if not lab.env.fault_method:
+        lab.env.vanish("client")
+    pcap = _snapshot(lab)
+    try:
+        started = time.monotonic()
+        done = _kaobs("analyze", pcap, "--dsn", f"host={lab.env.client.ip} user=monitor connect_timeout=2")
+        took = time.monotonic() - started
+    finally:
+        os.unlink(pcap)
+    assert done.returncode == 2 and took < 30
+    [line] = done.stderr.strip().splitlines()
+    assert f"no answer at {lab.env.client.ip}:5432 within 2 s" in line, line
