@@ -7,47 +7,47 @@
 
 Why a script: a capture in the repository is only evidence if anybody can make
 it again and see the same thing. Every entry of the manifest carries the
-server's GUCs, the client's libpq parameters, the sysctls and a small plan
-(when the client vanishes, how long it holds the connection, which interface
-is captured); this script turns that into Docker containers and a tcpdump, and
-the tests judge the result with the same `must_show` assertions as the files
-that are committed.
+server's GUCs, the client's libpq parameters and per-session settings, the
+sysctls of both network namespaces and a small plan (when the client
+vanishes, how long it holds its connections, which interface is captured,
+IPv4 or IPv6); this script turns that into the lab of `kaobs lab` plus a
+tcpdump, and the tests judge the result with the same `must_show` assertions
+as the committed files.
 
-One recording, start to end (all bounded in time, all on this machine):
-  1. an internal Docker network of our own (label kaobs.lab=capt-<random>,
-     no route outside; IPv6 with a random ULA /64 when the entry asks for it);
-  2. the server: kaobs/postgres:15-local with the GUCs as `-c name=value` and
-     the server sysctls as `--sysctl`; trust authentication, so no password is
-     ever on the wire;
-  3. the client's network namespace: a container of the same image running
-     `sleep`, with the client sysctls; the psycopg client runs on the host,
-     inside that namespace, through nsenter (the image has no Python);
-  4. tcpdump on the network's bridge (or `-i any -y LINUX_SLL2`), filtered on
-     the server's address and port;
-  5. faults: "the client vanishes" is an iptables DROP of everything to and
-     from the server port inside the client's namespace, so its kernel neither
-     answers nor sends anything and no FIN/RST is ever seen;
-  6. the capture is cut to headers only (each record ends at the end of its
-     TCP header; the original length is kept, so payload sizes stay right);
+One recording, start to end (bounded in time, all on this machine):
+  1. `kaobs.labenv.LabEnvironment`: an internal Docker network of its own
+     labelled kaobs.lab=capt-<random>, the server (kaobs/postgres:15-local,
+     `postgres --tcp_keepalives_idle=3 ...`, `--sysctl`s), and the client's
+     network namespace (a `sleep` container of the same image);
+  2. for IPv6, a second internal network with a random ULA /64, same labels,
+     that both containers join (labenv's network is IPv4 only);
+  3. tcpdump, the standard tool and not kaobs's own capture code (so the tests
+     read files kaobs did not write), on the lab bridge or on `-i any -y
+     LINUX_SLL2`, filtered on the server's address and port, snaplen 128;
+  4. the psycopg client `kaobs.labclient` in the client's namespace (via
+     nsenter): it opens the sessions, applies their settings, then idles for
+     `hold` seconds (or until the end) and drops its sockets;
+  5. "the client vanishes" at `vanish_after` seconds after the client is idle:
+     labenv's iptables DROP of everything in its namespace (plus ip6tables for
+     IPv6), so it neither answers nor sends and no FIN/RST is ever seen;
+  6. after `capture_seconds` tcpdump stops and each record is cut at the end of
+     its TCP header (original length kept): headers only, no query text;
   7. everything labelled with this run's id is removed, whatever happened.
-
-Docker is driven with the docker CLI; this file holds the minimal lab code it
-needs because kaobs/labenv.py (the lab of `kaobs lab`) had not landed when the
-captures were recorded.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import queue
 import secrets
-import select
 import shutil
 import signal
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,14 +55,29 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))
+
+from analysis.model import CLIENT  # noqa: E402
+from kaobs.labenv import (  # noqa: E402
+    FAULT_CLIENT_VANISHES,
+    FAULT_NONE,
+    IMAGE_ENV,
+    LOCAL_IMAGE,
+    LabEnvironment,
+    LabError,
+    Scenario,
+    Session,
+    docker,
+    labels,
+    nsenter,
+)
+from sniffer.frames import frame_snap_end  # noqa: E402
+
 MANIFEST = HERE / "manifest.json"
-IMAGE = os.environ.get("KAOBS_PG_IMAGE", "kaobs/postgres:15-local")
-LAB_LABEL = "kaobs.lab"
-RECORDER_LABEL = "kaobs.recorder=captures"
-SNAPLEN = 128  # tcpdump's cut; record.py then cuts each record at the end of its TCP header
-PG_PORT = 5432
-CLIENT_MAX_SECONDS = 120  # the client process stops by itself after this, whatever happens
+SNAPLEN = 128  # tcpdump's cut; each record is then cut at the end of its TCP header
 STEP_TIMEOUT = 30
+SCENARIOS = ("client_vanishes", "healthy", "stop_reading")
 
 
 class RecordError(RuntimeError):
@@ -81,113 +96,123 @@ def recordable(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in entries if e["how"].get("scenario")]
 
 
-# -- small process helpers ---------------------------------------------------------
+def scenario_of(entry: dict[str, Any]) -> Scenario:
+    """The lab scenario of a manifest entry (pure: the manifest's settings as labenv data)."""
+    how, settings = entry["how"], entry["settings"]
+    if how["scenario"] not in SCENARIOS:
+        raise RecordError(f"{entry['file']}: unknown scenario {how['scenario']!r}")
+    server, client = settings["server"], settings["client"]
+
+    def pairs(mapping: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+        return tuple((name, str(value)) for name, value in mapping.items())
+
+    sessions = tuple(
+        Session(options=pairs(s.get("options", {})), sets=pairs(s.get("sets", {})), stop_reading=bool(s.get("stop_reading")))
+        for s in client["sessions"])
+    return Scenario(
+        server_settings=pairs(server.get("gucs", {})),
+        server_sysctls=tuple((k, int(v)) for k, v in server.get("sysctls", {}).items()),
+        client_sysctls=tuple((k, int(v)) for k, v in client.get("sysctls", {}).items()),
+        client_params=pairs(client.get("libpq", {})),
+        sessions=sessions,
+        fault=FAULT_CLIENT_VANISHES if how["scenario"] == "client_vanishes" else FAULT_NONE,
+        duration=float(how["capture_seconds"]),
+    )
 
 
-def sh(*argv: str, timeout: float = STEP_TIMEOUT, check: bool = True) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    if check and done.returncode != 0:
-        raise RecordError(f"{' '.join(argv[:4])}...: exit {done.returncode}: {done.stderr.strip()[-400:]}")
-    return done.stdout.strip()
+# -- IPv6 -----------------------------------------------------------------------------
 
 
-def docker(*args: str, timeout: float = STEP_TIMEOUT, check: bool = True) -> str:
-    return sh("docker", *args, timeout=timeout, check=check)
+def join_ipv6_network(env: LabEnvironment) -> tuple[str, str]:
+    """Put the lab's server and client on a second, IPv6 internal network; (its bridge, the server's IPv6 address).
+
+    Same labels as the lab, so the lab's cleanup removes it too. The /64 is a
+    random ULA (RFC 4193), so it does not meet another lab's subnet.
+    """
+    assert env.server is not None and env.client is not None
+    groups = secrets.token_hex(5)
+    subnet = f"fd{groups[:2]}:{groups[2:6]}:{groups[6:10]}:6::/64"
+    name = f"{env.network}-v6"
+    network_id = docker("network", "create", "--internal", "--ipv6", "--subnet", subnet,
+                        *labels(env.run_id), name, timeout=60).strip()
+    for endpoint in (env.server, env.client):
+        docker("network", "connect", name, endpoint.name, timeout=60)
+    fmt = "{{(index .NetworkSettings.Networks \"" + name + "\").GlobalIPv6Address}}"
+    address = docker("inspect", "-f", fmt, env.server.name, timeout=30).strip()
+    if not address:
+        raise RecordError(f"the server got no IPv6 address on {name}")
+    return f"br-{network_id[:12]}", address
 
 
-def remove_lab(lab_id: str) -> None:
-    """Remove the containers and the network labelled with this lab id, and nothing else."""
-    label = f"label={LAB_LABEL}={lab_id}"
-    ids = docker("ps", "-aq", "--filter", label, check=False).split()
-    if ids:
-        docker("rm", "-f", *ids, check=False)
-    nets = docker("network", "ls", "-q", "--filter", label, check=False).split()
-    if nets:
-        docker("network", "rm", *nets, check=False)
+def cut_off_ipv6(env: LabEnvironment) -> None:
+    """labenv's vanish drops IPv4 only (iptables); drop IPv6 in the client's namespace too."""
+    assert env.client is not None
+    for chain in ("INPUT", "OUTPUT"):
+        done = nsenter(env.client, "ip6tables", "-w", "5", "-I", chain, "-j", "DROP")
+        if done.returncode != 0:
+            raise RecordError(f"ip6tables in the client's namespace: {' '.join(done.stderr.split())}")
 
 
-# -- the lab of one recording --------------------------------------------------------
+# -- reading a child's lines ---------------------------------------------------------------
 
 
-@dataclass
-class Lab:
-    """One network, one server, one client namespace; removed by `close`."""
+class Lines:
+    """A child's output lines through a thread and a queue.
 
-    lab_id: str
-    family: int
-    network: str = ""
-    bridge: str = ""
-    server_ip: str = ""
-    client_pid: int = 0
-    ula_prefix: str = ""
+    select() on a pipe plus a buffered readline() loses lines: one read can
+    pull several lines into the buffer, and select() then waits for bytes that
+    already came. A reader thread has no such trap, and `get` has a timeout.
+    """
 
-    @classmethod
-    def start(cls, family: int, server_gucs: dict[str, Any], server_sysctls: dict[str, Any],
-              client_sysctls: dict[str, Any]) -> "Lab":
-        lab = cls(lab_id=f"capt-{secrets.token_hex(4)}", family=family)
+    def __init__(self, stream) -> None:
+        self._queue: "queue.Queue[str | None]" = queue.Queue()
+        self._seen: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def get(self, timeout: float) -> str | None:
+        """The next line; "" when none came within `timeout`; None at the end of the output."""
         try:
-            lab._network()
-            lab._server(server_gucs, server_sysctls)
-            lab._client(client_sysctls)
-        except BaseException:
-            lab.close()
-            raise
-        return lab
+            line = self._queue.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return ""
+        if line is not None:
+            self._seen.append(line)
+        return line
 
-    def labels(self) -> list[str]:
-        return ["--label", f"{LAB_LABEL}={self.lab_id}", "--label", RECORDER_LABEL]
+    def rest(self, timeout: float = 5.0) -> str:
+        """Everything seen and still to come (the child has ended or is ending)."""
+        self._thread.join(timeout)
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if line is not None:
+                self._seen.append(line)
+        return "".join(self._seen)
 
-    def _network(self) -> None:
-        args = ["network", "create", *self.labels(), "--internal"]
-        if self.family == 6:
-            # A random ULA /64 (RFC 4193): unique enough not to meet another lab's subnet.
-            groups = secrets.token_hex(5)
-            self.ula_prefix = f"fd{groups[:2]}:{groups[2:6]}:{groups[6:10]}:1"
-            args += ["--ipv6", "--subnet", f"{self.ula_prefix}::/64"]
-        self.network = f"kaobs-{self.lab_id}"
-        net_id = docker(*args, self.network)
-        self.bridge = f"br-{net_id[:12]}"
 
-    def _server(self, gucs: dict[str, Any], sysctls: dict[str, Any]) -> None:
-        name = f"{self.network}-server"
-        argv = ["run", "-d", "--name", name, *self.labels(), "--network", self.network,
-                "-e", "POSTGRES_HOST_AUTH_METHOD=trust"]
-        for key, value in sysctls.items():
-            argv += ["--sysctl", f"{key}={value}"]
-        argv += [IMAGE, "postgres"]
-        for key, value in gucs.items():
-            argv += ["-c", f"{key}={value}"]
-        docker(*argv)
-        deadline = time.monotonic() + STEP_TIMEOUT
-        while subprocess.run(["docker", "exec", name, "pg_isready", "-q", "-h", "127.0.0.1", "-U", "postgres"],
-                             capture_output=True, timeout=10).returncode != 0:
-            if time.monotonic() > deadline:
-                raise RecordError(f"the server did not become ready: {docker('logs', '--tail', '5', name, check=False)}")
-            time.sleep(0.2)
-        fmt = "{{range .NetworkSettings.Networks}}" + ("{{.GlobalIPv6Address}}" if self.family == 6 else "{{.IPAddress}}") + "{{end}}"
-        self.server_ip = docker("inspect", "-f", fmt, name)
-        if not self.server_ip:
-            raise RecordError(f"the server has no IPv{self.family} address on {self.network}")
-
-    def _client(self, sysctls: dict[str, Any]) -> None:
-        name = f"{self.network}-client"
-        argv = ["run", "-d", "--name", name, *self.labels(), "--network", self.network]
-        for key, value in sysctls.items():
-            argv += ["--sysctl", f"{key}={value}"]
-        docker(*argv, "--entrypoint", "sleep", IMAGE, str(CLIENT_MAX_SECONDS + 60))
-        self.client_pid = int(docker("inspect", "-f", "{{.State.Pid}}", name))
-
-    def in_client_netns(self, *argv: str) -> list[str]:
-        return ["nsenter", f"--net=/proc/{self.client_pid}/ns/net", "--", *argv]
-
-    def cut_client_off(self) -> None:
-        """The client vanishes: nothing to or from the server port passes its namespace any more."""
-        tool = "ip6tables" if self.family == 6 else "iptables"
-        for chain, direction in (("INPUT", "--sport"), ("OUTPUT", "--dport")):
-            sh(*self.in_client_netns(tool, "-I", chain, "-p", "tcp", direction, str(PG_PORT), "-j", "DROP"))
-
-    def close(self) -> None:
-        remove_lab(self.lab_id)
+def wait_for_line(lines: Lines, accept, what: str, timeout: float = STEP_TIMEOUT) -> None:
+    """Wait until `accept(line)` says yes (True) or fails (a message); RecordError at the end of output or time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        line = lines.get(deadline - time.monotonic())
+        if line is None:
+            break
+        verdict = accept(line) if line else None
+        if verdict is True:
+            return
+        if isinstance(verdict, str):
+            raise RecordError(f"{what}: {verdict}")
+        if not line and time.monotonic() >= deadline:
+            break
+    raise RecordError(f"{what}: {' '.join(lines.rest(0.5).split())[-300:] or 'no output'}")
 
 
 # -- tcpdump -----------------------------------------------------------------------------
@@ -196,28 +221,22 @@ class Lab:
 class Tcpdump:
     """tcpdump on one interface, filtered on the server; started before the client connects."""
 
-    def __init__(self, interface: str, server_ip: str, path: Path) -> None:
+    def __init__(self, interface: str, server_ip: str, port: int, path: Path) -> None:
         argv = ["tcpdump", "-i", interface, "-s", str(SNAPLEN), "-U", "-n", "-w", str(path)]
         if interface == "any":
             argv += ["-y", "LINUX_SLL2"]
-        argv += [f"host {server_ip} and tcp port {PG_PORT}"]
+        argv += [f"host {server_ip} and tcp port {port}"]
         self.argv = argv
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 10
-        seen = ""
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.process.stderr], [], [], 0.2)
-            if ready:
-                line = self.process.stderr.readline()
-                seen += line
-                if "listening on" in line:
-                    return
-                if not line:
-                    break
-        self.stop()
-        raise RecordError(f"tcpdump did not start: {seen.strip()}")
+        self.lines = Lines(self.process.stderr)
+        try:
+            wait_for_line(self.lines, lambda line: "listening on" in line or None, "tcpdump did not start", 10)
+        except RecordError:
+            self.stop()
+            raise
 
     def stop(self) -> str:
+        """SIGINT (tcpdump flushes and prints its counts), bounded; returns what it printed."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
             try:
@@ -225,7 +244,7 @@ class Tcpdump:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        return self.process.stderr.read() if self.process.stderr else ""
+        return self.lines.rest()
 
 
 # -- headers only ------------------------------------------------------------------------
@@ -238,8 +257,6 @@ def cut_to_headers(src: Path, dst: Path) -> int:
     size (kaobs takes it from the IP header anyway); no query text or message
     content is kept.
     """
-    from sniffer.frames import frame_snap_end
-
     data = src.read_bytes()
     if len(data) < 24:
         raise RecordError(f"{src}: tcpdump wrote no capture")
@@ -264,49 +281,6 @@ def cut_to_headers(src: Path, dst: Path) -> int:
     return packets
 
 
-# -- the client (runs inside the client's namespace) ------------------------------------------
-
-
-def client_main(plan_json: str) -> int:
-    """Open the sessions of the plan, run their statements, report "ready", hold, close.
-
-    Runs as `record.py client PLAN` under nsenter. Prints one line "ready" when
-    every session is idle (the moment the scenario's clock starts), then holds
-    the connections `hold` seconds (or until killed, at most CLIENT_MAX_SECONDS)
-    and closes them cleanly (Terminate + FIN), printing "closed".
-    """
-    import psycopg
-
-    plan = json.loads(plan_json)
-    started = time.monotonic()
-    sessions = []
-    for session in plan["sessions"]:
-        dsn = f"host={plan['host']} port={PG_PORT} user=postgres dbname=postgres connect_timeout=10 " + session.get("dsn", "")
-        conn = psycopg.connect(dsn, autocommit=True)
-        for statement in session.get("statements", ["SELECT 1"]):
-            conn.execute(statement)
-        if session.get("stop_reading"):
-            # Ask for a large result and never read it: the client's receive
-            # buffer fills, it advertises a zero window, and the server's
-            # persist timer takes over (zero-window probes, not keepalives).
-            conn.pgconn.send_query(session["stop_reading"].encode())
-            conn.pgconn.flush()
-        sessions.append(conn)
-    print("ready", flush=True)
-    hold = plan.get("hold")
-    time.sleep(CLIENT_MAX_SECONDS if hold is None else min(hold, CLIENT_MAX_SECONDS))
-    for conn, session in zip(sessions, plan["sessions"]):
-        try:
-            if session.get("stop_reading"):
-                conn.pgconn.finish()  # unread data: the kernel answers the close with a RST
-            else:
-                conn.close()  # Terminate, then FIN
-        except Exception:  # noqa: BLE001 - closing is best effort, the packets tell the story
-            pass
-    print("closed", flush=True)
-    return 0
-
-
 # -- one recording -------------------------------------------------------------------------------
 
 
@@ -318,69 +292,93 @@ class Recorded:
     notes: list[str] = field(default_factory=list)
 
 
+def image() -> str:
+    return os.environ.get(IMAGE_ENV, LOCAL_IMAGE)
+
+
+def wait_ready(lines: Lines) -> None:
+    """Read the lab client's JSON lines until it says every session is idle ("ready")."""
+
+    def accept(line: str):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return None
+        if event.get("event") == "error":
+            return f"the lab client failed: {event.get('message')}"
+        return event.get("event") == "ready" or None
+
+    wait_for_line(lines, accept, "the lab client did not get ready")
+
+
+def stop_client(client: subprocess.Popen) -> None:
+    """Our own client process, by its handle: stdin closed (it stops by itself), then SIGTERM, then SIGKILL."""
+    if client.poll() is not None:
+        return
+    try:
+        if client.stdin:
+            client.stdin.close()
+        client.terminate()
+        client.wait(timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        client.kill()
+        client.wait(timeout=5)
+
+
 def record_entry(entry: dict[str, Any], out_dir: Path) -> Recorded:
     """Make one capture of the manifest again, into out_dir/entry["file"]."""
-    how, settings = entry["how"], entry["settings"]
+    how = entry["how"]
+    scenario = scenario_of(entry)
     began = time.monotonic()
-    family = int(how.get("family", 4))
-    sessions = [{k: v for k, v in s.items() if k in ("dsn", "statements", "stop_reading")}
-                for s in settings["client"]["sessions"]]
-    lab = Lab.start(family, settings["server"].get("gucs", {}), settings["server"].get("sysctls", {}),
-                    settings["client"].get("sysctls", {}))
-    client = None
-    try:
-        with tempfile.TemporaryDirectory(prefix="kaobs-rec-") as tmp:
-            raw = Path(tmp) / "raw.pcap"
-            interface = "any" if how.get("interface") == "any" else lab.bridge
-            dump = Tcpdump(interface, lab.server_ip, raw)
-            try:
-                plan = {"host": lab.server_ip, "sessions": sessions, "hold": how.get("hold")}
-                client = subprocess.Popen(
-                    lab.in_client_netns(sys.executable, str(Path(__file__).resolve()), "client", json.dumps(plan)),
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                    env={**os.environ, "PYTHONPATH": str(HERE.parent)})
-                ready, _, _ = select.select([client.stdout], [], [], STEP_TIMEOUT)
-                line = client.stdout.readline() if ready else ""
-                if line.strip() != "ready":
-                    client.kill()
-                    raise RecordError(f"the client did not get ready: {line!r} {client.stderr.read()[-400:]}")
-                t0 = time.monotonic()
-                vanish = how.get("vanish_after")
-                if vanish is not None:
-                    time.sleep(max(0.0, t0 + vanish - time.monotonic()))
-                    lab.cut_client_off()
-                time.sleep(max(0.0, t0 + how["capture_seconds"] - time.monotonic()))
-            finally:
-                tail = dump.stop()
-            if client is not None and client.poll() is None:
-                client.kill()
-                client.wait(timeout=10)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            packets = cut_to_headers(raw, out_dir / entry["file"])
-            notes = [line for line in tail.splitlines() if "dropped by kernel" in line and not line.startswith("0 ")]
-    finally:
-        if client is not None and client.poll() is None:
-            client.kill()
-        lab.close()
+    capture_seconds = float(how["capture_seconds"])
+    hold = how.get("hold")
+    with tempfile.TemporaryDirectory(prefix="kaobs-rec-") as tmp, \
+            LabEnvironment(scenario, image(), run_id=f"capt-{secrets.token_hex(4)}", lifetime=capture_seconds + 120) as env:
+        assert env.server is not None
+        bridge, server_ip = env.bridge, env.server.ip
+        if int(how.get("family", 4)) == 6:
+            bridge, server_ip = join_ipv6_network(env)
+            env.server.ip = server_ip  # the lab client connects to this address
+        raw = Path(tmp) / "raw.pcap"
+        dump = Tcpdump("any" if how.get("interface") == "any" else bridge, server_ip, scenario.port, raw)
+        client = None
+        try:
+            # The client idles `hold` seconds, then drops its sockets (FIN; RST with unread data);
+            # without `hold` it outlives the capture and is stopped after it.
+            client = env.start_client(max_seconds=float(hold) if hold is not None else capture_seconds + 10)
+            wait_ready(Lines(client.stdout))
+            t0 = time.monotonic()
+            vanish = how.get("vanish_after")
+            if vanish is not None:
+                time.sleep(max(0.0, t0 + float(vanish) - time.monotonic()))
+                env.vanish(CLIENT)
+                if int(how.get("family", 4)) == 6:
+                    cut_off_ipv6(env)
+            time.sleep(max(0.0, t0 + capture_seconds - time.monotonic()))
+        finally:
+            tail = dump.stop()
+            if client is not None:
+                stop_client(client)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        packets = cut_to_headers(raw, out_dir / entry["file"])
+        notes = [line for line in tail.splitlines() if "dropped by kernel" in line and not line.startswith("0 ")]
     return Recorded(entry["file"], packets, time.monotonic() - began, notes)
 
 
 def record_all(entries: list[dict[str, Any]], out_dir: Path, jobs: int = 1) -> list[Recorded]:
     """Record the given entries, `jobs` at a time (each in its own lab, so they do not meet)."""
-    if shutil.which("tcpdump") is None or shutil.which("nsenter") is None:
-        raise RecordError("tcpdump and nsenter are needed (bash scripts/setup.sh installs them)")
+    for tool in ("tcpdump", "nsenter", "iptables", "ip6tables"):
+        if shutil.which(tool) is None:
+            raise RecordError(f"{tool} is needed (bash scripts/setup.sh installs it)")
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         return list(pool.map(lambda e: record_entry(e, out_dir), entries))
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["client"]:
-        return client_main(argv[1])
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE, help="directory for the captures (default: captures/)")
     parser.add_argument("--only", action="append", default=[], metavar="FILE", help="record only this entry (repeatable)")
-    parser.add_argument("--jobs", type=int, default=1, help="recordings at a time (default 1)")
+    parser.add_argument("--jobs", type=int, default=2, help="recordings at a time (default 2)")
     parser.add_argument("--manifest", type=Path, default=MANIFEST)
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -396,12 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for done in record_all(entries, args.out, args.jobs):
             print(f"{done.file}: {done.packets} packets, recorded in {done.seconds:.1f} s", *done.notes)
-    except (RecordError, subprocess.TimeoutExpired) as error:
+    except (RecordError, LabError, subprocess.TimeoutExpired) as error:
         print(f"record.py: error: {error}", file=sys.stderr)
         return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE.parent))
     sys.exit(main())

@@ -139,11 +139,12 @@ def test_issue_scenarios_are_all_present():
     assert any(h.get("interface") == "any" for h in how), "a tcpdump -i any capture"
     assert any(h.get("scenario") == "stop_reading" for h in how), "a client that stops reading"
     assert any(h.get("scenario") == "healthy" and len(e["settings"]["client"]["sessions"]) == 1
-               and not e["settings"]["client"]["sessions"][0].get("dsn") for e, h in zip(entries, how)), "a healthy client"
+               and not e["settings"]["client"].get("libpq") for e, h in zip(entries, how)), "a healthy client"
     assert any("tcp_user_timeout" in e["settings"]["server"]["gucs"] for e in entries), "tcp_user_timeout"
-    assert any("keepalives_idle" in s.get("dsn", "") for e in entries for s in e["settings"]["client"]["sessions"]), \
-        "libpq keepalives on the client"
-    assert any(len(e["settings"]["client"]["sessions"]) >= 2 for e in entries), "two connections with different settings"
+    assert any("keepalives_idle" in e["settings"]["client"].get("libpq", {}) for e in entries), "libpq keepalives on the client"
+    assert any(len(e["settings"]["client"]["sessions"]) >= 2
+               and len({json.dumps(s, sort_keys=True) for s in e["settings"]["client"]["sessions"]}) >= 2
+               for e in entries), "two connections with different per-session settings"
     seed_like = [e for e in entries if e["how"].get("scenario") == "client_vanishes"
                  and e["settings"]["server"]["gucs"] == {"tcp_keepalives_idle": 3, "tcp_keepalives_interval": 2, "tcp_keepalives_count": 3}]
     assert seed_like, "the seed's 3/2/3 dead client, re-recorded"
