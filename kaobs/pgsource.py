@@ -59,17 +59,18 @@ def _one_line(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def explain_connect_error(message: str, target: str, timeout: float | None) -> str:
+def explain_connect_error(message: str, target: str, timeout: float | None, address: str = "") -> str:
     """libpq's error for a failed connection, as one line that says what to do.
 
     `target` is the redacted DSN.  Recognised: authentication (wrong or
     missing password, no pg_hba.conf entry), refused, timeout, unknown
-    host, missing role or database.
+    host, missing role or database.  `address` (host:port from the DSN)
+    is named when libpq's message does not name one (psycopg's timeout).
     """
     text = _one_line(message).removeprefix("connection failed: ")
     lowered = text.lower()
     where = re.search(r'connection to server at "([^"]+)"(?: \([^)]*\))?, port (\d+)', text)
-    at = f" at {where.group(1)}:{where.group(2)}" if where else ""
+    at = f" at {where.group(1)}:{where.group(2)}" if where else (f" at {address}" if address else "")
     reason = re.sub(r"^.*? failed: (FATAL: )?", "", text).strip()
     if "password authentication failed" in lowered or "authentication failed" in lowered:
         what = f"authentication failed{at}: {reason} (check the password, ~/.pgpass or PGPASSWORD)"
@@ -151,7 +152,10 @@ class PostgresSource:
         try:
             self._conn = psycopg.connect(self.dsn, **extra)
         except psycopg.Error as error:
-            raise PostgresError(_scrub(explain_connect_error(str(error), self.redacted, effective_timeout),
+            host = (params.get("hostaddr") or params.get("host") or "").split(",")[0]
+            port = (params.get("port") or os.environ.get("PGPORT") or "5432").split(",")[0]
+            address = f"{host}:{port}" if host and "," not in params.get("host", "") else ""
+            raise PostgresError(_scrub(explain_connect_error(str(error), self.redacted, effective_timeout, address),
                                        self._secrets)) from None
         except OSError as error:
             raise PostgresError(_scrub(f"--dsn {self.redacted}: {_one_line(str(error))}; the packet analysis ran "
