@@ -199,7 +199,7 @@ class LiveCapture:
                 except ImportError as error:  # pragma: no cover - shipped with kaobs
                     raise CaptureError(f"cannot write pcap files: {error}") from None
                 try:
-                    self._writer = PcapWriter(self.write_path, self.linktype, MAX_FRAME)
+                    self._writer = PcapWriter(self.write_path, self.linktype, MAX_FRAME, flush_every=64)
                 except OSError as error:
                     raise CaptureError(f"cannot write {self.write_path}: {error.strerror or error}") from None
             self._wake_r, self._wake_w = os.pipe()
@@ -496,7 +496,7 @@ class LiveCapture:
                     continue
             self._frame += 1
             if writer is not None:
-                writer.write(bytes(view[:n]), t, wirelen=n, full=full)
+                writer.write(view[:n], t, wirelen=n, full=full)  # it copies what it keeps
             segment = parse(view, 0, n, self._frame, t, n)
             if segment is not None:
                 stats.segments += 1

@@ -214,7 +214,7 @@ def test_live_capture_sees_the_probes_the_kernel_sends_and_the_abort():
             stop_latency = time.time() - t_stop
             stats = capture.stats()
         assert not thread.is_alive()
-    assert stop_latency < 0.3
+    assert stop_latency < 0.6  # typically ~0.01 s (the wake-up pipe); slack for a loaded CI machine
     assert scenario["outcome"] == "Connection timed out"
     assert segments[0].flags & SYN and segments[0].dport == 5432
     assert [s.frame for s in segments] == list(range(1, len(segments) + 1))
@@ -242,7 +242,7 @@ def test_duration_ends_iteration_on_an_idle_interface():
         t0 = time.time()
         with LiveCapture([peer.host_if], [5432], duration=0.5) as capture:
             assert list(capture) == []
-        assert 0.45 < time.time() - t0 < 1.0
+        assert 0.45 < time.time() - t0 < 1.5
 
 
 @pytest.mark.privileged
@@ -281,5 +281,5 @@ def test_stop_from_another_thread_wakes_a_blocked_read():
             timer.start()
             t0 = time.time()
             assert capture.read(5.0) == []
-            assert time.time() - t0 < 0.5
+            assert time.time() - t0 < 0.8
             timer.join()
