@@ -22,14 +22,15 @@ from struct import Struct
 from typing import Callable, Iterator
 
 from sniffer.frames import (
-    ETHER_IPV4_TCP,
+    ETHER_IPV4_FLOW,
     LINKTYPE_LINUX_SLL,
     LINKTYPE_LINUX_SLL2,
-    cached_pair,
+    Record,
+    flow_endpoints,
     make_buffer_parser,
     make_dedupe_key,
-    new_pair,
-    parse_ethernet,
+    make_record_parser,
+    record_ethernet,
 )
 from sniffer.records import CaptureError, TcpSegment
 
@@ -186,8 +187,9 @@ def _walk_pcap(path, name: str, stats: CaptureStats, warn: Warn,
     """Classic pcap: a 24-byte header, then records of header + captured bytes.
 
     Untagged Ethernet/IPv4/TCP without IP options, nearly every packet of a
-    typical capture, is parsed inline: a function call per packet is a tenth
-    of the reading time.
+    typical capture, is parsed inline into a record when the handler is
+    `record_ethernet`: a function call per packet is a tenth of the reading
+    time.
     """
     f = _open(path, name)
     pos = n = frame = skipped = 0
@@ -197,9 +199,9 @@ def _walk_pcap(path, name: str, stats: CaptureStats, warn: Warn,
         linktype = _pcap_linktype(head)
         stats.linktypes.add(linktype)
         handle = handler_for(linktype, units)
-        inline = handle is parse_ethernet
+        inline = handle is record_ethernet
         record = Struct(order + "IIII").unpack_from
-        ether_ipv4_tcp = ETHER_IPV4_TCP.unpack_from
+        ether_ipv4_flow = ETHER_IPV4_FLOW.unpack_from
         read = f.read
         units = float(units)
         buf = b""
@@ -221,15 +223,14 @@ def _walk_pcap(path, name: str, stats: CaptureStats, warn: Warn,
                 frame += 1
                 pos = end
                 if inline and caplen >= 54:
-                    (ethertype, vihl, total, frag, proto, addrs, sport, dport, seq, ack,
-                     offset, flags, window) = ether_ipv4_tcp(buf, start + 12)
+                    (ethertype, vihl, total, frag, proto, flow, seq, ack, offset, flags,
+                     window) = ether_ipv4_flow(buf, start + 12)
                     if (ethertype == 0x0800 and vihl == 0x45 and proto == 6
                             and not frag & 0x1FFF and offset >= 0x50):
                         payload = total - 20 - ((offset >> 4) << 2)
                         if payload >= 0:
-                            src, dst = cached_pair(addrs) or new_pair(addrs)
-                            yield TcpSegment(frame, sec + frac / units, src, sport, dst,
-                                             dport, seq, ack, flags, window, payload)
+                            yield (frame, sec + frac / units, flow, seq, ack, flags, window,
+                                   payload)
                             continue
                 item = handle(buf, start, end, frame, sec + frac / units, wirelen)
                 if item is None:
@@ -441,6 +442,14 @@ class CaptureReader:
         self._several = [False]
 
     def __iter__(self) -> Iterator[TcpSegment]:
+        return _segments(self.records())
+
+    def records(self) -> Iterator[Record]:
+        """The same segments as plain tuples, the fast form `KeepaliveModel.feed_records` takes.
+
+        Each is ``(frame, t, flow, seq, ack, flags, window, payload_len)``;
+        `sniffer.frames.flow_endpoints(flow)` gives (src, sport, dst, dport).
+        """
         self.stats = CaptureStats(format=self.format)
         self._recent = _RecentHeaders()
         self._interfaces = 0
@@ -449,7 +458,7 @@ class CaptureReader:
                      self._handler_for)  # type: ignore[return-value]
 
     def _handler_for(self, linktype: int, units: int) -> Handler:
-        parse = _parser_or_error(linktype, self.name)
+        parse = _record_parser_or_error(linktype, self.name)
         self._interfaces += 1
         if self._interfaces == 2:
             self._several[0] = True
@@ -464,6 +473,19 @@ class CaptureReader:
         return _deduplicating(parse, make_dedupe_key(linktype), self._recent, self.stats,
                               ("idb", self._interfaces),
                               self._several if self.dedupe is None else None)
+
+
+def _segments(records: Iterator[Record]) -> Iterator[TcpSegment]:
+    for frame, t, flow, seq, ack, flags, window, payload_len in records:
+        src, sport, dst, dport = flow_endpoints(flow)
+        yield TcpSegment(frame, t, src, sport, dst, dport, seq, ack, flags, window, payload_len)
+
+
+def _record_parser_or_error(linktype: int, name: str):
+    try:
+        return make_record_parser(linktype)
+    except CaptureError as e:
+        raise CaptureError(f"{name}: {e}") from None
 
 
 def _deduplicating(parse: Handler, key_of, recent: _RecentHeaders, stats: CaptureStats,
