@@ -168,6 +168,27 @@ def test_find_target_through_a_fake_engine(monkeypatch):
         find_target(interfaces=["lo"], network="bridge", client=client)
 
 
+
+def test_engine_not_running_is_one_line(monkeypatch):
+    from sniffer.discovery import docker_client
+
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/kaobs-docker.sock")
+    with pytest.raises(DiscoveryError) as error:
+        docker_client()
+    assert str(error.value) == ("cannot talk to Docker: the Docker engine is not running; "
+                                "use --interface IF to capture without Docker")
+
+
+def test_sdk_missing_is_one_line(monkeypatch):
+    import sys as _sys
+
+    from sniffer.discovery import docker_client
+
+    monkeypatch.setitem(_sys.modules, "docker", None)  # import docker -> ImportError
+    with pytest.raises(DiscoveryError, match="docker Python SDK is not installed"):
+        docker_client()
+
+
 # -- privileged: a real container on a network of our own ------------------------------------
 
 import json  # noqa: E402
