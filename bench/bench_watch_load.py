@@ -169,6 +169,7 @@ class Figures:
     tshark_probes: int | None = None
     tshark_missing: int | None = None
     stop_s: float | None = None
+    runqueue_wait_percent: float | None = None
 
     def verdict(self) -> tuple[bool, list[str]]:
         reasons = []
@@ -208,6 +209,8 @@ def table(fig: Figures) -> str:
     if fig.tshark_probes is not None:
         rows.append(("tshark tcp.analysis.keep_alive probes / missing from kaobs watch",
                      f"{fig.tshark_probes} / {fig.tshark_missing}"))
+    if fig.runqueue_wait_percent is not None:
+        rows.append(("kaobs runnable but waiting for a CPU during the load", f"{fig.runqueue_wait_percent:.1f} % of the time"))
     if fig.stop_s is not None:
         rows.append(("kaobs watch: SIGINT to exit", f"{fig.stop_s:.2f} s"))
     rows.append(("verdict (no drops, every probe, < 10 % of a core)", "PASS" if ok else "FAIL: " + "; ".join(reasons)))
@@ -240,6 +243,16 @@ def read_cpu(pid: int) -> float | None:
         with open(f"/proc/{pid}/stat") as f:
             return cpu_seconds(f.read())
     except OSError:
+        return None
+
+
+def read_schedstat(pid: int) -> tuple[int, int] | None:
+    """(ns on a CPU, ns runnable but waiting for one) of the process's main thread."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            run_ns, wait_ns, _ = f.read().split()
+        return int(run_ns), int(wait_ns)
+    except (OSError, ValueError):
         return None
 
 
@@ -354,14 +367,17 @@ def run(args: argparse.Namespace) -> Figures:
         log(f"tcpdump and kaobs watch on {bridge}")
         tcpdump = subprocess.Popen(
             ["tcpdump", "-i", bridge, "-n", "-s", "96", "-B", str(64 * 1024), "-w", pcap, f"tcp port {PORT}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
         procs.append(tcpdump)
         kaobs_out = open(os.path.join(workdir, "watch.json"), "w+")
         kaobs_err = open(os.path.join(workdir, "watch.stderr"), "w+")
         watch_cmd = ["kaobs", "watch", "--interface", bridge, "--duration", str(args.seconds + 240),
                      "--format", "json", *args.watch_arg]
         kaobs_started = time.monotonic()
-        kaobs = subprocess.Popen(watch_cmd, stdout=kaobs_out, stderr=kaobs_err, env=dict(os.environ, **args.watch_env))
+        # Own sessions: with autogroup scheduling (kernel.sched_autogroup_enabled) a session shares one CPU
+        # share, and kaobs or tcpdump would otherwise compete with this script and the lab clients.
+        kaobs = subprocess.Popen(watch_cmd, stdout=kaobs_out, stderr=kaobs_err, env=dict(os.environ, **args.watch_env),
+                                 start_new_session=True)
         procs.append(kaobs)
         deadline = time.monotonic() + 30
         while not has_packet_socket(kaobs.pid):
@@ -388,6 +404,7 @@ def run(args: argparse.Namespace) -> Figures:
 
         log(f"pgbench -c {args.clients} -j {args.threads} -T {args.seconds:g} -S")
         cpu0, veth0, t0 = read_cpu(kaobs.pid), veth_packets(env.server.pid), time.monotonic()
+        sched0 = read_schedstat(kaobs.pid)
         pgbench = subprocess.Popen(
             pgbench_base + ["-c", str(args.clients), "-j", str(args.threads), "-T", str(int(args.seconds)), "-S",
                             "-n", "postgres"], env=pg_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -404,6 +421,9 @@ def run(args: argparse.Namespace) -> Figures:
         except subprocess.TimeoutExpired:
             raise BenchError("pgbench did not finish in time") from None
         cpu1, veth1, t1 = read_cpu(kaobs.pid), veth_packets(env.server.pid), time.monotonic()
+        sched1 = read_schedstat(kaobs.pid)
+        if sched0 and sched1:
+            fig.runqueue_wait_percent = 100 * (sched1[1] - sched0[1]) / 1e9 / (t1 - t0)
         match = re.search(r"tps = ([\d.]+)", out or "")
         fig.pgbench_tps = float(match.group(1)) if match else None
         if pgbench.returncode != 0:
