@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Sequence
 from analysis.expect import ExpectationError, Expectations, KernelDefaults, parse_conninfo, parse_sysctls, redact_dsn
 from analysis.pgmeta import (
     GUCS,
+    AbortCheck,
     Backend,
     BackendTracker,
     GucReading,
@@ -39,6 +40,7 @@ from analysis.pgmeta import (
     staleness_warning,
     unix_socket_reason,
 )
+from analysis.model import Connection
 from analysis.verdict import ConnectionReport
 
 DEFAULT_CONNECT_TIMEOUT_S = 5
@@ -135,8 +137,11 @@ class PostgresSource:
         import psycopg
 
         params = self._params()
-        env_host = os.environ.get("PGHOST") if not os.environ.get("PGHOSTADDR") else "tcp"
-        unix = unix_socket_reason(params, env_host)
+        # libpq falls back on PGHOST/PGHOSTADDR for what the DSN leaves out
+        effective = {key: os.environ[env] for key, env in (("host", "PGHOST"), ("hostaddr", "PGHOSTADDR"))
+                     if os.environ.get(env)}
+        effective.update({key: value for key, value in params.items() if value})
+        unix = unix_socket_reason(effective)
         if unix is not None:
             raise PostgresError(f"--dsn {self.redacted}: {unix}")
         extra: dict[str, object] = {"autocommit": True}
@@ -363,47 +368,6 @@ def read_server(
     return ServerSnapshot(view, Expectations(side, expectations.client), backends)
 
 
-def dead_backend_checks(
-    source: PostgresSource,
-    reports: Sequence[ConnectionReport],
-    tracker: BackendTracker,
-    timeout: float = 5.0,
-    poll: float = 0.2,
-) -> dict[int, "object"]:
-    """Live: for each connection the server aborted, poll (bounded) until its known backend is gone.
-
-    Returns {connection index: AbortCheck}.  For `kaobs watch --dsn`: call
-    after the model reports a server keepalive abort.
-    """
-    from analysis.pgmeta import AbortCheck, server_aborted
-
-    results: dict[int, object] = {}
-    for report in reports:
-        abort_t = server_aborted(report)
-        if abort_t is None:
-            continue
-        index = report.connection.index
-        pid = tracker.pid(index)
-        if pid is None:
-            backends = source.poll_backends()
-            results[index] = abort_checks([report], backends, source.now())[index]
-            continue
-        gone, waited = source.confirm_dead(pid, timeout=timeout, poll=poll)
-        checked = source.now()
-        if gone:
-            results[index] = AbortCheck("gone", pid, abort_t, checked,
-                                        f"backend pid {pid} is gone from pg_stat_activity "
-                                        f"({checked - abort_t:.1f} s after the abort)")
-        else:
-            backends = {b.pid: b for b in source.poll_backends()}
-            still = backends.get(pid)
-            state = f", state {still.state}" if still is not None and still.state else ""
-            results[index] = AbortCheck("alive", pid, abort_t, checked,
-                                        f"backend pid {pid} is still in pg_stat_activity {waited:.1f} s after its "
-                                        f"connection's keepalive abort{state}: it outlived the abort")
-    return results
-
-
 @dataclass
 class AnalysisPostgres:
     """`kaobs analyze --dsn`: the database reading, or the one-line error that replaced it."""
@@ -466,7 +430,7 @@ class LivePostgres:
         self.confirm_timeout = confirm_timeout
         self.clock = clock
         self.tracker = BackendTracker()
-        self.checks: dict[int, object] = {}  # connection index -> AbortCheck, once settled
+        self.checks: dict[int, AbortCheck] = {}  # connection index -> its check, once settled
         self._pending: dict[int, tuple[float, float]] = {}  # index -> (abort t, first check at)
         self._last_poll = float("-inf")
         self._failed = False
@@ -484,17 +448,15 @@ class LivePostgres:
             self._failed = True
             self.snapshot.view.warnings.append(f"while watching: {message}")
 
-    def tick(self, connections: Sequence, now: float | None = None) -> list[object]:
-        """Poll (rate-limited); returns AbortChecks settled in this call, for the live view to show."""
-        from analysis.pgmeta import AbortCheck
-
+    def tick(self, connections: Sequence[Connection], now: float | None = None) -> list[AbortCheck]:
+        """Poll (rate-limited); returns the AbortChecks settled in this call, for the live view to show."""
         if self._failed:
             return []
         now = self.clock() if now is None else now
         if now - self._last_poll < min(self.poll_every, 0.2 if self._pending else self.poll_every):
             return []
         self._last_poll = now
-        settled: list[object] = []
+        settled: list[AbortCheck] = []
         try:
             backends = self.source.poll_backends()
             self.snapshot.backends = backends
@@ -529,8 +491,6 @@ class LivePostgres:
 
     def finish(self, reports: Sequence[ConnectionReport]) -> PostgresView:
         """The view for the final report: names (now, or as last seen alive), notes, the backends after aborts."""
-        from analysis.pgmeta import AbortCheck
-
         deadline = self.clock() + self.confirm_timeout
         connections = [r.connection for r in reports]
         while not self._failed and any(
@@ -545,7 +505,7 @@ class LivePostgres:
             if info.backend is None and tracked is not None:
                 info.backend, info.reason = tracked, None  # as last seen alive
             check = self.checks.get(index)
-            if isinstance(check, AbortCheck):
+            if check is not None:
                 info.after_abort = check
         return view
 
@@ -571,10 +531,6 @@ def start_live(
     return expectations, live, None
 
 
-def live_lines(live: LivePostgres, connections: Sequence, now: float | None = None) -> list[str]:
+def live_lines(live: LivePostgres, connections: Sequence[Connection], now: float | None = None) -> list[str]:
     """One tick of `live` as lines for the live view: each backend checked after its connection's abort."""
-    lines = []
-    for check in live.tick(connections, now):
-        prefix = "FINDING " if check.outlived else ""  # type: ignore[attr-defined]
-        lines.append(f"postgres: {prefix}{check.detail}")  # type: ignore[attr-defined]
-    return lines
+    return [f"postgres: {'FINDING ' if check.outlived else ''}{check.detail}" for check in live.tick(connections, now)]
