@@ -43,6 +43,10 @@ class AnalysisRun:
     capture_end: float | None = None
     warnings: list[str] = field(default_factory=list)
     hz: int = 250
+    kernel_drops: int | None = None
+    """Live capture only: packets the kernel dropped before kaobs could read them (None for files)."""
+    capture_path: str | None = None
+    """Live capture only: how packets were read ("ring": mmap'd TPACKET_V3 ring, "socket": recvmsg per packet)."""
 
 
 def exit_code(reports: Iterable[ConnectionReport]) -> int:
@@ -71,6 +75,8 @@ def to_json(
             "start": run.capture_start,
             "end": run.capture_end,
             "warnings": run.warnings,
+            "kernel_drops": run.kernel_drops,
+            "capture_path": run.capture_path,
         },
         "expectations": _expectations_json(expectations),
         "timer_hz": run.hz,

@@ -91,15 +91,21 @@ def run_live(
         live = Live(console=console, refresh_per_second=4, transient=False, auto_refresh=True)
         live.start()
     last_alarm_check = last_view = 0.0
+    # A ring capture hands over records: no TcpSegment per packet (see sniffer.ring).
+    feed_records = getattr(model, "feed_records", None)
+    read_records = capture.read_records if feed_records is not None and getattr(capture, "reads_records", False) else None
     try:
         while not stop.is_set():
             now = clock()
             if deadline is not None and now >= deadline:
                 break
             wait = 0.1 if deadline is None else max(0.0, min(0.1, deadline - now))
-            feed = model.feed
-            for segment in capture.read(wait):
-                feed(segment)
+            if read_records is not None:
+                feed_records(read_records(wait))
+            else:
+                feed = model.feed
+                for segment in capture.read(wait):
+                    feed(segment)
             if events:
                 for event in events:
                     line = event_line(event)
@@ -131,6 +137,8 @@ def run_live(
     run.ignored_segments = model.segments_ignored
     run.capture_start = started
     run.capture_end = end
+    run.kernel_drops = stats.drops
+    run.capture_path = getattr(capture, "path", None)
     if stats.drops:
         run.warnings.append(
             f"the kernel dropped {stats.drops} of {stats.kernel_packets} packets (receive buffer full): "
