@@ -378,3 +378,15 @@ def test_stale_leftovers_are_removed_and_live_ones_kept():
         assert _lab_objects("test-alive") != [] and _lab_objects("test-dead") == []
     finally:
         subprocess.run(["docker", "rm", "-f", *names.values()], capture_output=True, timeout=60)
+
+
+def test_a_missing_image_is_one_line_and_never_pulled():
+    done = subprocess.run([sys.executable, "-m", "kaobs", "lab", "--image", "kaobs/no-such-image:0"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    (line,) = done.stderr.strip().splitlines()
+    assert "kaobs/no-such-image:0" in line and "never pulls" in line
+    assert "--image kaobs/postgres:15-local" in line and "KAOBS_LAB_IMAGE" in line
+    repositories = subprocess.run(["docker", "images", "--format", "{{.Repository}}"], capture_output=True, text=True,
+                                  check=True).stdout.split()
+    assert "kaobs/no-such-image" not in repositories

@@ -306,3 +306,18 @@ def test_silence_after_zero_window_probes_is_not_keepalive_idle():
     assert report.verdict != "mismatch", [f.detail for f in report.server.findings]
     outlook = LiveMonitor(model, expectations).outlook(model.connections[0], SERVER)
     assert outlook.next_probe is None, "no keepalive is due while the window is closed"
+
+
+# -- the command without Docker ------------------------------------------------------------------
+
+
+def test_without_docker_the_lab_says_so_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "kaobs", "lab"], capture_output=True, text=True, timeout=60,
+                          env={"PATH": str(tmp_path), "HOME": str(tmp_path)})
+    assert done.returncode == 2
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kaobs: error: Docker is not available"), done.stderr
