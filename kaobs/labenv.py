@@ -33,6 +33,7 @@ import json
 import math
 import os
 import queue
+import re
 import secrets
 import shutil
 import subprocess
@@ -48,6 +49,7 @@ from analysis.expect import (
     Expectations,
     GUC_NAMES,
     KernelDefaults,
+    SideExpectation,
     build_expectations,
     parse_conninfo,
     parse_guc_value,
@@ -262,6 +264,7 @@ def session_expectations(
     expectations = build_expectations(
         expect_items(scenario, session), client_conninfo_params(scenario), sysctl_items(server_kernel, client_kernel)
     )
+    expectations = Expectations(_lab_sources(expectations.server), _lab_sources(expectations.client))
     gone = vanishing_side(scenario.fault)
     if judge_vanished or gone is None:
         return expectations
@@ -269,6 +272,23 @@ def session_expectations(
     if gone == SERVER:
         return Expectations(empty.server, expectations.client)
     return Expectations(expectations.server, empty.client)
+
+
+_SYSCTL_SOURCE_RE = re.compile(r"--sysctl (server|client):(net\.ipv4\.[a-z_]+=\d+)")
+
+
+def _lab_source(source: str) -> str:
+    """Say where the lab's own expectations come from: its settings and the containers' namespaces."""
+    source = _SYSCTL_SOURCE_RE.sub(r"\2, read in the \1 container", source)
+    source = source.replace("--expect (", "lab setting (")
+    return source.replace("client DSN", "lab --libpq")
+
+
+def _lab_sources(side: SideExpectation) -> SideExpectation:
+    if not side.judged():
+        return side
+    settings = {name: replace(value, source=_lab_source(value.source)) for name, value in side.settings().items()}
+    return replace(side, **settings, enabled_source=_lab_source(side.enabled_source))
 
 
 @dataclass(frozen=True, slots=True)
@@ -491,7 +511,9 @@ def check_image(image: str) -> None:
 def check_tools() -> None:
     if os.geteuid() != 0:
         raise LabError("kaobs lab needs root (packet capture, nsenter into the containers, iptables): run it with sudo")
-    missing = [tool for tool in ("nsenter", "iptables") if shutil.which(tool) is None]
+    missing = [tool for tool in ("nsenter",) if shutil.which(tool) is None]
+    if shutil.which("iptables") is None and shutil.which("ip") is None:
+        missing.append("iptables (or ip)")
     if missing:
         raise LabError(f"kaobs lab needs {' and '.join(missing)} (bash scripts/setup.sh installs them)")
 

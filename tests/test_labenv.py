@@ -124,7 +124,8 @@ def test_expectations_resolve_zero_to_the_measured_kernel_defaults():
     measured = {"net.ipv4.tcp_keepalive_time": 4, "net.ipv4.tcp_keepalive_intvl": 2, "net.ipv4.tcp_keepalive_probes": 3}
     exp = session_expectations(scenario, scenario.sessions[0], measured, KERNEL)
     assert (exp.server.idle.value, exp.server.interval.value, exp.server.count.value) == (4, 2, 3)
-    assert "net.ipv4.tcp_keepalive_time=4" in exp.server.idle.source
+    assert "net.ipv4.tcp_keepalive_time=4, read in the server container" in exp.server.idle.source
+    assert "--sysctl" not in exp.server.interval.source and "--expect" not in exp.server.user_timeout.source
     assert exp.client.idle.value == 7200 and exp.client.enabled is True
 
 
