@@ -19,12 +19,11 @@ import pytest
 
 from kaobs.cli import run as kaobs_run
 from sniffer.pcapfile import CaptureReader, CaptureStats, read_segments, walk_records
-from sniffer.records import ACK, PSH, CaptureError, TcpSegment
+from sniffer.records import ACK, CaptureError, TcpSegment
 from tests.pcap_builders import (
     CLIENT4,
     CLIENT6,
     ETH_ARP,
-    ETH_IPV4,
     ETH_QINQ,
     ETH_VLAN,
     LINKTYPE_ETHERNET,

@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from sniffer.pcapfile import CaptureReader
+from sniffer.frames import frame_snap_end, make_buffer_parser
 from sniffer.pcapwrite import PcapWriter, strip_payloads
 from sniffer.records import CaptureError
 from tests.pcap_builders import (
@@ -369,3 +371,41 @@ def test_strip_empty_pcapng(tmp_path):
     dst = tmp_path / "empty.pcap"
     assert strip_payloads(src, dst).packets == 0
     assert read(dst)[0] == [] and len(dst.read_bytes()) == 24
+
+
+# --- the cut never changes what kaobs reads ----------------------------------------------
+
+_tcp_packets = st.builds(
+    lambda v6, sport, dport, seq, ack, flags, window, payload, tcp_options, ip_options, hop: dataclasses.replace(
+        conversation(CLIENT6, SERVER6)[0] if v6 else conversation()[0], sport=sport, dport=dport, seq=seq, ack=ack,
+        flags=flags, window=window, payload=payload, tcp_options=tcp_options,
+        ip_options=b"" if v6 else ip_options, ext=[(0, hop)] if v6 and hop else ()),
+    st.booleans(), st.integers(0, 65535), st.integers(0, 65535), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1),
+    st.integers(0, 255), st.integers(0, 65535), st.binary(max_size=300), st.binary(max_size=40).map(lambda b: b[:40]),
+    st.binary(max_size=40), st.binary(max_size=20))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(packet=_tcp_packets, linktype=st.sampled_from(LINKTYPES), vlans=st.integers(0, 2))
+def test_headers_only_cut_reads_the_same(packet, linktype, vlans):
+    """For any TCP packet, the frame cut where the writer cuts it parses to the same segment."""
+    if linktype == LINKTYPE_ETHERNET:
+        frame = ether(packet.ip_packet(), packet.ethertype, [(ETH_VLAN, 7)] * vlans)
+    else:
+        frame = frame_for(linktype, packet)
+    parse = make_buffer_parser(linktype)
+    whole = parse(frame, 0, len(frame), 1, 0.0, len(frame))
+    snap = frame_snap_end(linktype, frame)
+    cut = parse(frame, 0, snap, 1, 0.0, len(frame))
+    assert whole is not None and cut == whole
+    assert (cut.seq, cut.ack, cut.payload_len) == (packet.seq, packet.ack, len(packet.payload))
+    assert snap == len(frame) - len(packet.payload)
+
+
+@settings(max_examples=500, deadline=None, derandomize=True)
+@given(linktype=st.sampled_from(LINKTYPES), frame=st.binary(max_size=200), wirelen=st.integers(0, 70000))
+def test_headers_only_cut_of_random_frames(linktype, frame, wirelen):
+    parse = make_buffer_parser(linktype)
+    wirelen = max(wirelen, len(frame))
+    snap = frame_snap_end(linktype, frame)
+    assert parse(frame, 0, snap, 1, 0.0, wirelen) == parse(frame, 0, len(frame), 1, 0.0, wirelen)
