@@ -170,6 +170,9 @@ class Figures:
     tshark_missing: int | None = None
     stop_s: float | None = None
     runqueue_wait_percent: float | None = None
+    cpu_us_per_packet: float = 0.0
+    cpu_us_per_read: float = 0.0
+    load_average: str = ""
 
     def verdict(self) -> tuple[bool, list[str]]:
         reasons = []
@@ -193,12 +196,13 @@ def table(fig: Figures) -> str:
     rows = [
         ("load", f"pgbench -S, {fig.seconds:.0f} s" + (f", {fig.pgbench_tps:,.0f} tps" if fig.pgbench_tps else "")),
         ("packets/s on the bridge (server veth rx+tx)", f"{fig.pps_veth:,.0f}"),
-        ("packets/s seen by tcpdump", f"{fig.pps_tcpdump:,.0f}"),
+        ("packets/s seen by tcpdump (whole capture, idle start and end included)", f"{fig.pps_tcpdump:,.0f}"),
         ("packets: tcpdump / kaobs watch", f"{fig.tcpdump_packets:,} / {fig.kaobs_packets:,}"),
         ("kernel drops: tcpdump / kaobs watch",
          f"{'?' if fig.tcpdump_drops is None else fig.tcpdump_drops} / {'?' if fig.kaobs_drops is None else fig.kaobs_drops}"),
         ("kaobs capture path", fig.kaobs_path),
         ("kaobs CPU during the load", f"{fig.cpu_load_percent:.1f} % of one core"),
+        ("kaobs CPU per packet on the bridge / per packet it read", f"{fig.cpu_us_per_packet:.2f} us / {fig.cpu_us_per_read:.2f} us"),
         ("kaobs CPU over its life (start-up included)",
          f"{fig.cpu_total_s:.2f} s in {fig.kaobs_life_s:.0f} s ({100 * fig.cpu_total_s / max(fig.kaobs_life_s, 1e-9):.1f} %)"),
         ("keepalive probes + aborts in tcpdump's file (kaobs analyze)",
@@ -211,6 +215,8 @@ def table(fig: Figures) -> str:
                      f"{fig.tshark_probes} / {fig.tshark_missing}"))
     if fig.runqueue_wait_percent is not None:
         rows.append(("kaobs runnable but waiting for a CPU during the load", f"{fig.runqueue_wait_percent:.1f} % of the time"))
+    if fig.load_average:
+        rows.append(("machine load average at the end of the load (2 CPUs)", fig.load_average))
     if fig.stop_s is not None:
         rows.append(("kaobs watch: SIGINT to exit", f"{fig.stop_s:.2f} s"))
     rows.append(("verdict (no drops, every probe, < 10 % of a core)", "PASS" if ok else "FAIL: " + "; ".join(reasons)))
@@ -434,6 +440,9 @@ def run(args: argparse.Namespace) -> Figures:
         if cpu0 is None or cpu1 is None:
             raise BenchError("kaobs watch ended during the load")
         fig.cpu_load_percent = 100 * (cpu1 - cpu0) / load_s
+        fig.cpu_us_per_packet = 1e6 * (cpu1 - cpu0) / max(1, veth1 - veth0)
+        with open("/proc/loadavg") as f:
+            fig.load_average = " ".join(f.read().split()[:3])
         time.sleep(args.tail)  # idle probes after the load, seen by both
 
         cpu_end = read_cpu(kaobs.pid) or cpu1
@@ -462,6 +471,8 @@ def run(args: argparse.Namespace) -> Figures:
         fig.kaobs_packets = inputs["packets"]
         fig.kaobs_drops = inputs.get("kernel_drops")
         fig.kaobs_path = inputs.get("capture_path") or "?"
+        load_packets = fig.pps_veth * fig.seconds
+        fig.cpu_us_per_read = fig.cpu_us_per_packet * load_packets / max(1.0, load_packets - (fig.kaobs_drops or 0))
         fig.pps_tcpdump = fig.tcpdump_packets / max(1e-9, (inputs["end"] or 0) - (inputs["start"] or 0))
 
         log("kaobs analyze on tcpdump's file")
