@@ -266,47 +266,105 @@ def test_wrong_password_is_one_line_exit_2_and_the_packets_are_still_analyzed(la
     assert "connection refused" in doc["postgres"]["error"] and doc["connections"]
 
 
-def test_backend_is_gone_after_a_vanished_clients_abort(lab):
-    """Runs last: it cuts the client off. S2 (idle 1, interval 1, count 2) is aborted ~3 s later."""
+BUSY_CLIENT = """
+import os, socket, sys, time
+import psycopg
+conn = psycopg.connect(sys.argv[1], autocommit=True)
+sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+print(sock.getsockname()[1], flush=True)
+sock.close()
+conn.pgconn.send_query(b"SELECT pg_sleep(20)")
+while conn.pgconn.flush():
+    time.sleep(0.01)
+print("sent", flush=True)
+time.sleep(40)
+"""
+
+
+def _start_busy_client(lab: Lab) -> tuple[subprocess.Popen, int]:
+    """A session in the client's namespace, with short server timers of its own, busy in a 20 s query."""
+    env = lab.env
+    dsn = (f"host={env.server.ip} user=postgres dbname=postgres sslmode=disable connect_timeout=5 "
+           "application_name=kaobs-pgmeta-busy options='-c tcp_keepalives_idle=1 -c tcp_keepalives_interval=1 "
+           "-c tcp_keepalives_count=2 -c tcp_user_timeout=0'")
+    busy = subprocess.Popen(["timeout", "60", "nsenter", f"--net={env.client.netns}", sys.executable, "-c", BUSY_CLIENT, dsn],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, PGPASSWORD=env.password))
+    port = busy.stdout.readline().strip()
+    sent = busy.stdout.readline().strip()
+    assert port.isdigit() and sent == "sent", (port, sent)
+    return busy, int(port)
+
+
+def _model_now(lab: Lab) -> KeepaliveModel:
+    path = _snapshot(lab)
+    try:
+        return _model(path)
+    finally:
+        os.unlink(path)
+
+
+def test_backend_gone_after_a_vanished_clients_abort_and_a_busy_one_outlives_it(lab):
+    """Runs last: it cuts the client off.
+
+    S2 (idle 1, interval 1, count 2, idle backend) is aborted ~3 s later and
+    its backend exits at once; the busy session (same timers, in pg_sleep(20))
+    is aborted too, but its backend does not notice until the query ends: it
+    outlives the abort, a finding of its own.
+    """
     s2_port = lab.ports[S2]
     pid = _backend_pid(lab, s2_port)
     assert pid is not None
-    expectations, live = LivePostgres.start(lab.monitor_dsn, build_expectations(), poll_every=0.2)
+    busy, busy_port = _start_busy_client(lab)
+    busy_pid = _backend_pid(lab, busy_port)
+    expectations, live = LivePostgres.start(lab.monitor_dsn, build_expectations(), poll_every=0.2, confirm_timeout=4.0)
     try:
-        model = _model(_snapshot(lab))
+        model = _model_now(lab)
         live.tick(model.connections, now=time.time())
-        [s2_index] = [c.index for c in model.connections if c.client.port == s2_port]
-        assert live.tracker.pid(s2_index) == pid  # named while alive
+        index = {c.client.port: c.index for c in model.connections}
+        s2_index, busy_index = index[s2_port], index[busy_port]
+        assert live.tracker.pid(s2_index) == pid and live.tracker.pid(busy_index) == busy_pid  # named while alive
         cut_at = time.time()
         lab.env.vanish("client")
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and s2_index not in live.checks:
-            path = _snapshot(lab)
-            model = _model(path)
-            os.unlink(path)
+        deadline = time.monotonic() + 25
+        while time.monotonic() < deadline and not {s2_index, busy_index} <= set(live.checks):
+            model = _model_now(lab)
             live.tick(model.connections, now=time.time())
             time.sleep(0.3)
-        s2 = next(c for c in model.connections if c.index == s2_index)
-        assert s2.end_reason == "keepalive_abort", s2.end_reason
-        assert 1.5 < s2.server.reset.t - cut_at < 6.0  # idle <= 1 s, then 2 unanswered probes 1 s apart
+        conns = {c.index: c for c in model.connections}
+        for i in (s2_index, busy_index):
+            assert conns[i].end_reason == "keepalive_abort", conns[i].end_reason
+            assert 1.5 < conns[i].server.reset.t - cut_at < 6.0  # idle <= 1 s, then 2 unanswered probes 1 s apart
         check = live.checks[s2_index]
         assert check.status == "gone" and check.pid == pid, check
         assert _backend_pid(lab, s2_port) is None  # ground truth, as the superuser sees it
+        outlived = live.checks[busy_index]
+        assert outlived.status == "alive" and outlived.pid == busy_pid, outlived
+        assert _backend_pid(lab, busy_port) == busy_pid  # still there, in its pg_sleep
         model.finish()
         reports = judge_all(model, expectations, model.last_t)
         view = live.finish(reports)
     finally:
         live.close()
+        busy.kill()
+        busy.wait(10)
     info = view.connections[s2_index]
     assert info.backend is not None and info.backend.pid == pid  # named as last seen alive
-    assert info.after_abort.status == "gone" and view.outlived() == []
+    assert info.after_abort.status == "gone"
+    assert [i for i, _ in view.outlived()] == [busy_index]
     doc = to_json(AnalysisRun(sources=["lab"]), reports, expectations, view)
-    [s2_json] = [c for c in doc["connections"] if c["id"] == s2_index]
-    assert s2_json["end_reason"] == "keepalive_abort"
-    assert s2_json["postgres"]["after_abort"]["status"] == "gone" and s2_json["postgres"]["after_abort"]["pid"] == pid
+    by_id = {c["id"]: c for c in doc["connections"]}
+    assert by_id[s2_index]["end_reason"] == "keepalive_abort"
+    assert by_id[s2_index]["postgres"]["after_abort"]["status"] == "gone"
+    assert by_id[s2_index]["postgres"]["after_abort"]["pid"] == pid
+    assert by_id[busy_index]["postgres"]["after_abort"]["status"] == "alive"
+    assert by_id[busy_index]["postgres"]["backend"]["application_name"] == "kaobs-pgmeta-busy"
+    assert doc["postgres"]["backends_outlived_abort"] == 1
     console = Console(record=True, width=250)
     render_text(console, AnalysisRun(sources=["lab"]), reports, expectations, view)
-    assert f"after the server's keepalive abort: backend pid {pid} is gone from pg_stat_activity" in console.export_text()
+    text = console.export_text()
+    assert f"after the server's keepalive abort: backend pid {pid} is gone from pg_stat_activity" in text
+    assert f"postgres: FINDING backend pid {busy_pid} is still in pg_stat_activity" in text and "outlived" in text
 
 
 def test_timeout_is_one_line(lab):
