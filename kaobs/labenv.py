@@ -83,6 +83,9 @@ STALE_AFTER_S = MAX_DURATION_S + 300
 """A labelled leftover older than this belongs to no running lab, even if its pid was reused."""
 READY_TIMEOUT_S = 60.0
 CLIENT_READY_TIMEOUT_S = 30.0
+CLEANUP_PASSES = 6
+LOST_REPORT_WAIT_S = 5.0
+"""When the client must notice the abort, how long its libpq may take to say so."""
 
 
 class LabError(Exception):
@@ -474,17 +477,37 @@ def pid_alive(pid: int) -> bool:
 
 
 def docker(*args: str, timeout: float = 60.0, env: dict[str, str] | None = None, check: bool = True) -> str:
-    """Run the docker CLI; LabError with docker's own one-line message when it fails."""
+    """Run the docker CLI; LabError with docker's own one-line message when it fails.
+
+    An interrupt (Ctrl-C, SIGTERM turned into KeyboardInterrupt) does not
+    kill the CLI mid-request: the engine would go on creating the container
+    after the cleanup looked for it. The CLI runs in a session of its own
+    (the terminal's Ctrl-C does not reach it), is waited for within
+    `timeout`, and the interrupt is raised afterwards.
+    """
     try:
-        done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, env=env)
+        process = subprocess.Popen(["docker", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env=env, start_new_session=True)
     except FileNotFoundError:
         raise LabError("Docker is not installed (bash scripts/setup.sh installs it)") from None
-    except subprocess.TimeoutExpired:
-        raise LabError(f"docker {args[0]} did not answer within {timeout:g} s") from None
-    if check and done.returncode != 0:
-        message = " ".join(done.stderr.split()) or f"exit {done.returncode}"
+    deadline = time.monotonic() + timeout
+    interrupted: BaseException | None = None
+    while True:
+        try:
+            stdout, stderr = process.communicate(timeout=max(0.0, deadline - time.monotonic()))
+            break
+        except KeyboardInterrupt as error:
+            interrupted = error
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            raise LabError(f"docker {args[0]} did not answer within {timeout:g} s") from None
+    if interrupted is not None:
+        raise interrupted
+    if check and process.returncode != 0:
+        message = " ".join(stderr.split()) or f"exit {process.returncode}"
         raise LabError(f"docker {args[0]} failed: {message}")
-    return done.stdout
+    return stdout
 
 
 def check_docker() -> None:
@@ -555,6 +578,17 @@ def remove_labelled(selector: str, *, only_stale: bool = False, now: float | Non
             except LabError:
                 pass
     return removed
+
+
+def labelled_objects(selector: str) -> list[str]:
+    """Ids of containers and networks carrying the label selector (empty when Docker does not answer)."""
+    found: list[str] = []
+    for command in (("ps", "-aq"), ("network", "ls", "-q")):
+        try:
+            found += docker(*command, "--filter", f"label={selector}", timeout=30).split()
+        except LabError:
+            pass
+    return found
 
 
 @dataclass(slots=True)
@@ -703,11 +737,20 @@ class LabEnvironment:
         return self.fault_method
 
     def cleanup(self) -> None:
-        """Remove everything labelled with this run's id. Idempotent; never raises."""
+        """Remove everything labelled with this run's id. Idempotent; never raises.
+
+        A few passes, bounded: a network cannot go while a container being
+        removed is still attached to it.
+        """
         if self._cleaned:
             return
         self._cleaned = True
-        remove_labelled(f"{LABEL}={self.run_id}")
+        selector = f"{LABEL}={self.run_id}"
+        for _ in range(CLEANUP_PASSES):
+            remove_labelled(selector)
+            if not labelled_objects(selector):
+                return
+            time.sleep(0.5)
 
 
 def _shown(command: Sequence[str]) -> str:
@@ -815,6 +858,7 @@ class LabRun:
         self.events: list[LabEvent] = []
         self.sessions_by_port: dict[str, int] = {}  # client "ip:port" -> session index
         self.session_settings: dict[int, dict] = {}
+        self.lost_sessions: set[int] = set()
         self.ready_t: float | None = None
         self.fault_t: float | None = None
         self.end_reason = ""
@@ -924,6 +968,7 @@ class LabRun:
             self.ready_t = record.get("t", time.time())
             self._note(kind, f"client idle with {record.get('sessions')} session(s)", **record)
         elif kind == "connection_lost":
+            self.lost_sessions.add(session)
             self._note(kind, f"session {session}: the client's libpq reports: {record.get('error')}", **record)
         elif kind == "error":
             self.error = f"the lab client failed: {record.get('message')}"
@@ -995,8 +1040,11 @@ class LabRun:
                     self.fault_t = time.time()
                     self._note("fault", f"FAULT: the {vanishing_side(scenario.fault)} vanishes {why}: {method}")
             if connections and len(ended) >= len(connections) and (self.fault_t is not None or survivor is None):
-                # Every connection ended: let stragglers (retransmitted RSTs) in, then stop.
-                if last_end_t is not None and time.time() - last_end_t >= scenario.grace:
+                # Every connection ended: let stragglers (retransmitted RSTs) in, then stop. When the
+                # client was the one to abort, give its libpq the time to say so too.
+                waited = time.time() - last_end_t if last_end_t is not None else 0.0
+                told = survivor != CLIENT or len(self.lost_sessions) >= sessions or waited >= LOST_REPORT_WAIT_S
+                if waited >= scenario.grace and told:
                     self.end_reason = "ended"
                     self._note("end", "every connection ended")
                     return
