@@ -518,8 +518,12 @@ def check_docker() -> None:
         done = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True, timeout=20)
     except subprocess.TimeoutExpired:
         raise LabError("Docker is not available: the engine does not answer (bash scripts/start-docker.sh)") from None
-    if done.returncode != 0:
-        raise LabError("Docker is not available: the engine is not running (bash scripts/start-docker.sh starts it)")
+    if done.returncode != 0 or not done.stdout.strip():
+        said = " ".join((done.stderr.strip().splitlines() or [""])[-1].split())
+        if "permission denied" in said.lower():
+            raise LabError(f"Docker is not available to this user ({said}): run kaobs lab as root")
+        raise LabError("Docker is not available: the engine is not running (bash scripts/start-docker.sh starts it)"
+                       + (f"; docker says: {said}" if said else ""))
 
 
 def check_image(image: str) -> None:
