@@ -324,8 +324,13 @@ def run_lab(scenario: Scenario, image: str, *, user, hz: int, output_format: str
         fault_label, f"the {gone} vanishes after {scenario.fault_after_answered} answered probe(s)")
     end = expected_end(scenario)
     show.print(f"kaobs lab: {image}, {len(scenario.sessions)} session(s), {plan}; "
-               + (f"expected to end ~{end:.0f} s after the client goes idle" if end else f"runs up to {lab.bound:.0f} s"),
+               + (f"expected to end ~{end:.0f} s after the client goes idle" if end and end <= lab.bound
+                  else f"runs up to {lab.bound:.0f} s"),
                style="bold", markup=False, highlight=False)
+    if end and end > lab.bound:
+        show.print(f"lab: these settings end the connection only after ~{end:.0f} s (kernel defaults?); the lab stops "
+                   f"after {lab.bound:.0f} s: set the timers in seconds, or --server-sysctl/--client-sysctl",
+                   style="yellow", markup=False, highlight=False)
     interrupted = False
     result: tuple[AnalysisRun, list[ConnectionReport]] | None = None
     try:
