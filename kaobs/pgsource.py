@@ -267,11 +267,19 @@ class PostgresSource:
 
 def read_container_kernel(container: str) -> KernelReading:
     """The keepalive sysctls of a Docker container's network namespace (docker exec cat /proc/sys/...)."""
+    return _read_container(container)[0]
+
+
+def _read_container(container: str) -> tuple[KernelReading, set[str]]:
+    """The container's keepalive sysctls and its IP addresses (to check that it is the server)."""
     try:
         import docker
 
         client = docker.from_env(timeout=15)
         target = client.containers.get(container)
+        networks = (target.attrs.get("NetworkSettings") or {}).get("Networks") or {}
+        addresses = {normalize_address(n.get(key)) for n in networks.values()
+                     for key in ("IPAddress", "GlobalIPv6Address") if n.get(key)}
         result = target.exec_run(["cat", *SYSCTL_FILES.values()])
     except Exception as error:  # noqa: BLE001 - docker raises many kinds; one line for the user
         raise PostgresError(f"--container {container}: cannot read its sysctls: {_one_line(str(error))[:200]}") from None
@@ -279,7 +287,7 @@ def read_container_kernel(container: str) -> KernelReading:
     if result.exit_code != 0 or len(output) != len(SYSCTL_FILES) or not all(v.isdigit() for v in output):
         raise PostgresError(f"--container {container}: cannot read {', '.join(SYSCTL_FILES.values())} in it")
     values = {name: int(v) for name, v in zip(SYSCTL_FILES, output)}
-    return KernelReading(values, f"container {container}'s network namespace")
+    return KernelReading(values, f"container {container}'s network namespace"), {a for a in addresses if a}
 
 
 def read_local_kernel() -> KernelReading | None:
@@ -352,12 +360,17 @@ def read_server(
     source = PostgresSource(dsn, connect_timeout=connect_timeout)
     view = PostgresView(dsn=source.redacted)
     user_kernel, _ = parse_sysctls(sysctls) if sysctls else (KernelDefaults(), None)
-    container_kernel = read_container_kernel(container) if container else None
+    container_kernel, container_addresses = _read_container(container) if container else (None, set())
     with source:
         server = source.server_info()
         readings = source.read_settings()
         backends = source.poll_backends()
     view.server, view.settings, view.backends = server, readings, backends
+    if container_kernel is not None and normalize_address(server.address) not in container_addresses:
+        view.warnings.append(f"--container {container} is not the server the DSN reaches ({server.address} is not one "
+                             f"of its addresses {', '.join(sorted(container_addresses)) or 'none'}): its sysctls are "
+                             "not used")
+        container_kernel = None
     for role in server.missing_roles:
         view.warnings.append(f"the monitoring role is not a member of {role}: "
                              + ("some settings may be hidden" if role == "pg_read_all_settings"
@@ -534,3 +547,41 @@ def start_live(
 def live_lines(live: LivePostgres, connections: Sequence[Connection], now: float | None = None) -> list[str]:
     """One tick of `live` as lines for the live view: each backend checked after its connection's abort."""
     return [f"postgres: {'FINDING ' if check.outlived else ''}{check.detail}" for check in live.tick(connections, now)]
+
+
+@dataclass
+class WatchPostgres:
+    """`kaobs watch --dsn`: what the watch command needs, in four calls (on_tick, finish, exit_code, close)."""
+
+    dsn: str
+    live: LivePostgres | None
+    error: str | None
+
+    def on_tick(self, connections: Sequence[Connection], now: float) -> list[str]:
+        """For run_live's loop: lines to show (a backend gone, or a FINDING: one outlived its abort)."""
+        return live_lines(self.live, connections, now) if self.live is not None else []
+
+    def finish(self, reports: Sequence[ConnectionReport]) -> PostgresView:
+        if self.live is None:
+            return PostgresView(dsn=redact_dsn(self.dsn), error=self.error)
+        return self.live.finish(reports)
+
+    def exit_code(self, reports: Sequence[ConnectionReport], view: PostgresView) -> int:
+        """2 when the database could not be read (the report is still printed), else 1 for a mismatch or a
+        backend that outlived its connection's abort, else 0: as `kaobs analyze --dsn`."""
+        if self.error is not None:
+            return 2
+        return 1 if any(r.verdict == "mismatch" for r in reports) or view.outlived() else 0
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.close()
+
+
+def watch_postgres(
+    dsn: str, expectations: Expectations, sysctls: Sequence[str], container: str | None,
+    say_error: Callable[[str], None],
+) -> tuple[Expectations, WatchPostgres]:
+    """Start the database side of `kaobs watch --dsn`; on failure one line, and the watch goes on without it."""
+    expectations, live, error = start_live(dsn, expectations, sysctls, container, say_error)
+    return expectations, WatchPostgres(dsn, live, error)

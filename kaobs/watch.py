@@ -50,6 +50,7 @@ def run_live(
     console: Console | None = None,
     title: str = "",
     clock: Callable[[], float] = time.time,
+    on_tick: Callable[[list, float], list[str]] | None = None,
 ) -> tuple[AnalysisRun, list[ConnectionReport]]:
     """Feed the model from `capture` until `duration`, `stop`, or Ctrl-C; return the final run and reports.
 
@@ -117,6 +118,9 @@ def run_live(
                 last_alarm_check = now
                 for alarm in monitor.alarms(now):
                     say(alarm_line(alarm, now), alarm=True)
+                if on_tick is not None:  # --dsn: name connections, check backends after aborts
+                    for line in on_tick(model.connections, now):
+                        say(line, alarm=line.startswith("postgres: FINDING"))
             if live is not None and now - last_view >= VIEW_REFRESH_S:
                 last_view = now
                 stats = capture.stats()
@@ -197,8 +201,10 @@ def watch_command() -> click.Command:
     @click.option("--write", "write_path", metavar="FILE.pcap", type=click.Path(dir_okay=False),
                   help="Keep the capture in a pcap file: headers only unless --full-packets.")
     @click.option("--full-packets", is_flag=True, help="With --write, keep whole packets (query text, passwords!).")
+    @click.option("--dsn", metavar="CONNINFO",
+                  help="Read the server's settings and sessions over TCP: name connections, check backends after aborts.")
     def watch(interfaces, container, network, expect, client_dsn, sysctls, ports, hz, output_format,
-              duration, write_path, full_packets) -> None:
+              duration, write_path, full_packets, dsn=None) -> None:
         """Watch live Postgres traffic: probes, answers, aborts and alarms as they happen, then the report.
 
         Without --interface/--container/--network, captures on the Docker
@@ -217,6 +223,12 @@ def watch_command() -> click.Command:
             target = find_target(interfaces=interfaces, container=container, network=network, ports=ports)
         except DiscoveryError as error:
             raise UserError(str(error)) from None
+        postgres = None
+        if dsn is not None:
+            from kaobs.pgsource import watch_postgres
+
+            expectations, postgres = watch_postgres(
+                dsn, expectations, sysctls, container, lambda line: click.echo(f"kaobs: error: {line}", err=True))
         stop = threading.Event()
         capture = LiveCapture(target.interfaces, ports, write=write_path, full_packets=full_packets, hosts=target.hosts)
         restore = install_stop_handlers(stop, capture.stop)
@@ -225,20 +237,24 @@ def watch_command() -> click.Command:
             with capture:
                 run, reports = run_live(
                     capture, expectations=expectations, ports=ports, hz=int(hz), output_format=output_format,
-                    duration=duration, stop=stop, console=console, title=target.description)
+                    duration=duration, stop=stop, console=console, title=target.description,
+                    on_tick=postgres.on_tick if postgres is not None else None)
         except CaptureError as error:
             raise UserError(str(error)) from None
         finally:
             restore()
+        view = postgres.finish(reports) if postgres is not None else None
+        if postgres is not None:
+            postgres.close()
         if output_format == "json":
-            click.echo(json.dumps(to_json(run, reports, expectations), indent=1))
+            click.echo(json.dumps(to_json(run, reports, expectations, view), indent=1))
         else:
             if not console.is_terminal:
                 console.print()
-            render_text(console, run, reports, expectations)
+            render_text(console, run, reports, expectations, view)
             if write_path:
                 console.print(f"capture written to {write_path} ({'whole packets' if full_packets else 'headers only'})")
-        sys.exit(exit_code(reports))
+        sys.exit(postgres.exit_code(reports, view) if postgres is not None and view is not None else exit_code(reports))
 
     return watch
 
