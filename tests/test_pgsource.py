@@ -317,6 +317,11 @@ def test_backend_gone_after_a_vanished_clients_abort_and_a_busy_one_outlives_it(
     assert pid is not None
     busy, busy_port = _start_busy_client(lab)
     busy_pid = _backend_pid(lab, busy_port)
+    # `kaobs watch --dsn` beside it, as a user runs it: it must reach the same conclusions on its own
+    watch = subprocess.Popen([sys.executable, "-m", "kaobs", "watch", "--network", lab.env.network, "--dsn",
+                              lab.monitor_dsn, "--duration", "16", "--format", "json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watch_started = time.monotonic()
     expectations, live = LivePostgres.start(lab.monitor_dsn, build_expectations(), poll_every=0.2, confirm_timeout=4.0)
     try:
         model = _model_now(lab)
@@ -324,6 +329,7 @@ def test_backend_gone_after_a_vanished_clients_abort_and_a_busy_one_outlives_it(
         index = {c.client.port: c.index for c in model.connections}
         s2_index, busy_index = index[s2_port], index[busy_port]
         assert live.tracker.pid(s2_index) == pid and live.tracker.pid(busy_index) == busy_pid  # named while alive
+        time.sleep(max(0.0, watch_started + 4.0 - time.monotonic()))  # the watch has seen both sessions probe
         cut_at = time.time()
         lab.env.vanish("client")
         deadline = time.monotonic() + 25
@@ -344,10 +350,14 @@ def test_backend_gone_after_a_vanished_clients_abort_and_a_busy_one_outlives_it(
         model.finish()
         reports = judge_all(model, expectations, model.last_t)
         view = live.finish(reports)
+        watch_out, watch_err = watch.communicate(timeout=40)
     finally:
         live.close()
         busy.kill()
         busy.wait(10)
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait(10)
     info = view.connections[s2_index]
     assert info.backend is not None and info.backend.pid == pid  # named as last seen alive
     assert info.after_abort.status == "gone"
@@ -365,6 +375,18 @@ def test_backend_gone_after_a_vanished_clients_abort_and_a_busy_one_outlives_it(
     text = console.export_text()
     assert f"after the server's keepalive abort: backend pid {pid} is gone from pg_stat_activity" in text
     assert f"postgres: FINDING backend pid {busy_pid} is still in pg_stat_activity" in text and "outlived" in text
+
+    assert watch.returncode == 1, watch_err  # the busy backend outlived its abort (and S1's idle mismatches)
+    assert MONITOR_PASSWORD not in watch_out + watch_err
+    watched = json.loads(watch_out)
+    assert watched["postgres"]["error"] is None and watched["postgres"]["backends_outlived_abort"] == 1
+    by_port = {int(c["client"].rsplit(":", 1)[1]): c for c in watched["connections"]}
+    assert by_port[s2_port]["end_reason"] == "keepalive_abort"
+    assert by_port[s2_port]["postgres"]["backend"]["pid"] == pid
+    assert by_port[s2_port]["postgres"]["after_abort"]["status"] == "gone"
+    assert by_port[s2_port]["postgres"]["after_abort"]["pid"] == pid
+    assert by_port[busy_port]["postgres"]["after_abort"]["status"] == "alive"
+    assert f"postgres: FINDING backend pid {busy_pid}" in watch_err  # said live, as it happened
 
 
 def test_timeout_is_one_line(lab):
