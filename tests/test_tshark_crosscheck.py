@@ -13,10 +13,13 @@ captures:
    data is queued) and reports them as `kind: "window"`: they are removed from
    tshark's set, and each of them must be in tshark's set (same shape).
 2. `tcpdump -i any` copies. Each packet crossing the lab bridge is captured on
-   two veths. tshark analyses the copies as packets of their own: it flags the
-   second copy of every probe as another keep-alive, and also the second copy
-   of a 1-byte data segment (Postgres' 1-byte answer to the SSL request: a
-   1-byte segment at "next seq - 1" is its keep-alive heuristic). kaobs counts
+   two veths (the client's, SLL2 packet type "other host", and the server's,
+   "outgoing"; the bridge device itself does not see forwarded frames). tshark
+   analyses the copies as packets of their own: it flags the second copy of
+   every probe as another keep-alive (any_interface_...pcap: 4 probes, 8
+   flags), and, when the client asks for SSL first (libpq's sslmode=prefer),
+   the second copy of the server's 1-byte 'N' answer too (a segment of 0-1
+   byte at "next seq - 1" is its keep-alive heuristic). kaobs counts
    one packet once (the first copy: `input.duplicates_dropped`), so tshark's
    flags on later copies are dropped here; copies are found independently of
    kaobs, from tshark's own fields (same IP/TCP header fields and TCP
