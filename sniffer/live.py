@@ -8,6 +8,15 @@ dissection costs ~100x more and would lose packets under load.
 
 Design choices, each for a reason:
 
+* Where the kernel allows it, an interface is read through a TPACKET_V3
+  memory-mapped ring (`sniffer.ring`): one wake-up per block of packets
+  instead of a system call per packet, only the first 128 bytes copied, and
+  records (`read_records`) for the model's fast path instead of a
+  TcpSegment per packet: ~1.4 us of CPU per packet against ~6 us, which is
+  what keeps up with a busy bridge (bench/bench_watch_load.py). Blocks are
+  handed over when full or after 50 ms, so events can be that late. The
+  plain socket below is the fallback (`path` says which, `path_notes` why;
+  KAOBS_CAPTURE=socket forces it).
 * Every socket is non-blocking and polled with `select` and a short timeout,
   so `stop()` (from a signal handler or another thread) or a duration is
   honoured within about `POLL_S` even when no packet comes.
@@ -429,7 +438,9 @@ class LiveCapture:
         """Records of the blocks the kernel handed over; copies across interfaces and the pcap handled per frame."""
         each = None
         if self._dedupe or self._writer is not None:
-            key_of = make_dedupe_key(tap.linktype) if self._dedupe else None
+            key_of = self._keys.get(tap.linktype) if self._dedupe else None
+            if self._dedupe and key_of is None:
+                key_of = self._keys[tap.linktype] = make_dedupe_key(tap.linktype)
             recent, writer, full, stats, index = self._recent, self._writer, self.full_packets, self._stats, tap.index
 
             def each(data, frame: int, t: float, wirelen: int) -> bool:  # noqa: ARG001 - frame: the number it gets

@@ -223,6 +223,7 @@ class PacketRing:
         count = self.block_count
         block_unpack = _BLOCK.unpack_from
         status_pack = _BLOCK_STATUS.pack_into
+        status_unpack = _BLOCK_STATUS.unpack_from
         hdr_unpack = _HDR.unpack_from
         general = self._general
         ethernet = self.linktype == LINKTYPE_ETHERNET and each is None and not self.loopback
@@ -232,9 +233,10 @@ class PacketRing:
         blocks = 0
         while True:
             base = self._next_block * block_size
-            _, _, status, num, first = block_unpack(mm, base)
-            if not status & TP_STATUS_USER:
+            # The status first, then the rest: the kernel sets it last (after a write barrier).
+            if not status_unpack(mm, base + _BLOCK_STATUS_OFFSET)[0] & TP_STATUS_USER:
                 break
+            _, _, _, num, first = block_unpack(mm, base)
             off = base + first
             for _ in range(num):
                 next_off, sec, nsec, snap, wirelen, _, mac, _ = hdr_unpack(mm, off)
