@@ -225,8 +225,11 @@ def test_rerecorded_captures_show_what_the_manifest_says(tmp_path, capsys):
         try:
             check_entry(path, entry, capsys)
         except AssertionError as error:
-            problems.append(str(error))
-    assert not problems, "\n".join(problems)
+            # What the capture shows, in words, so a failure in CI can be understood without the file.
+            capsys.readouterr()
+            run(["analyze", str(path), *entry["expect_args"]])
+            problems.append(f"{error}\n{capsys.readouterr().out}")
+    assert not problems, f"recordings kept in {tmp_path}\n" + "\n".join(problems)
     from tests.test_tshark_crosscheck import cross_check, tshark_missing
 
     if tshark_missing() is None:
