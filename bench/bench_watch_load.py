@@ -174,6 +174,7 @@ class Figures:
     cpu_us_per_read: float = 0.0
     load_average: str = ""
     nice: int = 0
+    pgbench_args: str = "-S"
 
     def verdict(self) -> tuple[bool, list[str]]:
         reasons = []
@@ -195,7 +196,7 @@ def table(fig: Figures) -> str:
     ok, reasons = fig.verdict()
     found = fig.reference_probes + fig.reference_aborts - len(fig.missing)
     rows = [
-        ("load", f"pgbench -S, {fig.seconds:.0f} s" + (f", {fig.pgbench_tps:,.0f} tps" if fig.pgbench_tps else "")),
+        ("load", f"pgbench {fig.pgbench_args}, {fig.seconds:.0f} s" + (f", {fig.pgbench_tps:,.0f} tps" if fig.pgbench_tps else "")),
         ("packets/s on the bridge (server veth rx+tx)", f"{fig.pps_veth:,.0f}"),
         ("packets/s seen by tcpdump (whole capture, idle start and end included)", f"{fig.pps_tcpdump:,.0f}"),
         ("packets: tcpdump / kaobs watch", f"{fig.tcpdump_packets:,} / {fig.kaobs_packets:,}"),
@@ -371,7 +372,8 @@ def run(args: argparse.Namespace) -> Figures:
     workdir = tempfile.mkdtemp(prefix="kaobs-bench-")
     pcap = os.path.join(workdir, "tcpdump.pcap")
     procs: list[subprocess.Popen] = []
-    fig = Figures(seconds=args.seconds, nice=args.nice)
+    fig = Figures(seconds=args.seconds, nice=args.nice,
+                  pgbench_args=f"-c {args.clients} -j {args.threads} -S -M {args.protocol}")
     env = LabEnvironment(scenario, args.image, run_id=run_id, log=log, lifetime=lifetime)
     previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
@@ -431,12 +433,12 @@ def run(args: argparse.Namespace) -> Figures:
         LineReader(vanisher_client).wait_for("ready", 30)
         time.sleep(args.warmup)  # a few probe rounds before the load
 
-        log(f"pgbench -c {args.clients} -j {args.threads} -T {args.seconds:g} -S")
+        log(f"pgbench -c {args.clients} -j {args.threads} -T {args.seconds:g} -S -M {args.protocol}")
         cpu0, veth0, t0 = read_cpu(kaobs.pid), veth_packets(env.server.pid), time.monotonic()
         sched0 = read_schedstat(kaobs.pid)
         pgbench = subprocess.Popen(
             pgbench_base + ["-c", str(args.clients), "-j", str(args.threads), "-T", str(int(args.seconds)), "-S",
-                            "-n", "postgres"], env=pg_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            "-n", "-M", args.protocol, "postgres"], env=pg_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         procs.append(pgbench)
         time.sleep(args.seconds / 3)
         log("the vanishing client's namespace drops everything now")
@@ -551,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="length of the load (default 60)")
     parser.add_argument("--clients", type=int, default=8, help="pgbench -c (default 8)")
     parser.add_argument("--threads", type=int, default=2, help="pgbench -j (default 2)")
+    parser.add_argument("--protocol", choices=("simple", "extended", "prepared"), default="prepared",
+                        help="pgbench -M (default prepared: the cheapest per query, so the most packets/s)")
     parser.add_argument("--idle-sessions", type=int, default=3, help="idle persistent sessions that probe (default 3)")
     parser.add_argument("--warmup", type=float, default=4.0, help="idle probing before the load, s")
     parser.add_argument("--tail", type=float, default=4.0, help="idle probing after the load, s")
