@@ -31,7 +31,8 @@ One recording, start to end (bounded in time, all on this machine):
      labenv's iptables DROP of everything in its namespace (plus ip6tables for
      IPv6), so it neither answers nor sends and no FIN/RST is ever seen;
   6. after `capture_seconds` tcpdump stops and each record is cut at the end of
-     its TCP header (original length kept): headers only, no query text;
+     its TCP header by kaobs's `strip_payloads` (original length kept): headers
+     only, no query text; a .pcapng entry is then converted by editcap;
   7. everything labelled with this run's id is removed, whatever happened.
 """
 from __future__ import annotations
@@ -43,7 +44,6 @@ import queue
 import secrets
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -72,7 +72,7 @@ from kaobs.labenv import (  # noqa: E402
     labels,
     nsenter,
 )
-from sniffer.frames import frame_snap_end  # noqa: E402
+from sniffer.pcapwrite import strip_payloads  # noqa: E402
 
 MANIFEST = HERE / "manifest.json"
 SNAPLEN = 128  # tcpdump's cut; each record is then cut at the end of its TCP header
@@ -251,33 +251,22 @@ class Tcpdump:
 
 
 def cut_to_headers(src: Path, dst: Path) -> int:
-    """Copy a tcpdump pcap keeping each record up to the end of its TCP header; returns the packet count.
+    """Write `src` (tcpdump's pcap) to `dst` with each record cut at the end of its TCP header; the packet count.
 
-    The record's original length stays, so a reader still knows each payload's
-    size (kaobs takes it from the IP header anyway); no query text or message
-    content is kept.
+    kaobs's own headers-only rewriter does the cut (the wire length stays, so
+    payload sizes stay right; no query text or message content is kept). A
+    `dst` ending in .pcapng is then converted by editcap, so one real capture
+    also exercises the pcapng reader.
     """
-    data = src.read_bytes()
-    if len(data) < 24:
-        raise RecordError(f"{src}: tcpdump wrote no capture")
-    magic = data[:4]
-    endian = {b"\xd4\xc3\xb2\xa1": "<", b"\xa1\xb2\xc3\xd4": ">", b"\x4d\x3c\xb2\xa1": "<", b"\xa1\xb2\x3c\x4d": ">"}.get(magic)
-    if endian is None:
-        raise RecordError(f"{src}: not a pcap file")
-    linktype = struct.unpack_from(endian + "I", data, 20)[0] & 0x0FFFFFFF
-    record = struct.Struct(endian + "IIII")
-    out = bytearray(data[:24])
-    pos, packets = 24, 0
-    while pos + 16 <= len(data):
-        sec, frac, caplen, wirelen = record.unpack_from(data, pos)
-        body = data[pos + 16:pos + 16 + caplen]
-        if len(body) < caplen:
-            break  # tcpdump stopped mid-record: drop the partial record
-        keep = frame_snap_end(linktype, body)
-        out += record.pack(sec, frac, keep, wirelen) + body[:keep]
-        pos += 16 + caplen
-        packets += 1
-    dst.write_bytes(bytes(out))
+    if not src.exists() or src.stat().st_size < 24:
+        raise RecordError(f"tcpdump wrote no capture ({src})")
+    if dst.suffix != ".pcapng":
+        return strip_payloads(src, dst).packets
+    stripped = src.with_name("stripped.pcap")
+    packets = strip_payloads(src, stripped).packets
+    sh_editcap = subprocess.run(["editcap", "-F", "pcapng", str(stripped), str(dst)], capture_output=True, text=True, timeout=60)
+    if sh_editcap.returncode != 0:
+        raise RecordError(f"editcap -F pcapng failed: {' '.join(sh_editcap.stderr.split())}")
     return packets
 
 
@@ -367,7 +356,8 @@ def record_entry(entry: dict[str, Any], out_dir: Path) -> Recorded:
 
 def record_all(entries: list[dict[str, Any]], out_dir: Path, jobs: int = 1) -> list[Recorded]:
     """Record the given entries, `jobs` at a time (each in its own lab, so they do not meet)."""
-    for tool in ("tcpdump", "nsenter", "iptables", "ip6tables"):
+    tools = ["tcpdump", "nsenter", "iptables", "ip6tables"] + (["editcap"] if any(e["file"].endswith(".pcapng") for e in entries) else [])
+    for tool in tools:
         if shutil.which(tool) is None:
             raise RecordError(f"{tool} is needed (bash scripts/setup.sh installs it)")
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:

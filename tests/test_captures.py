@@ -20,7 +20,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -188,16 +187,17 @@ def test_recorded_capture_is_headers_only(entry):
     trust authentication, so no password in it) and is not checked here.
     """
     from sniffer.frames import frame_snap_end
+    from sniffer.pcapfile import walk_records
 
-    data = (CAPTURES / entry["file"]).read_bytes()
-    endian = "<" if data[:4] in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
-    linktype = struct.unpack_from(endian + "I", data, 20)[0] & 0x0FFFFFFF
-    pos = 24
-    while pos + 16 <= len(data):
-        caplen = struct.unpack_from(endian + "I", data, pos + 8)[0]
-        body = data[pos + 16:pos + 16 + caplen]
-        assert frame_snap_end(linktype, body) == len(body), f"{entry['file']}: payload kept at offset {pos}"
-        pos += 16 + caplen
+    def handler_for(linktype: int, units: int):
+        def handle(buf, start: int, end: int, frame: int, t: float, wirelen: int):
+            return frame if frame_snap_end(linktype, memoryview(buf)[start:end]) != end - start else None
+        return handle
+
+    records, stats = walk_records(CAPTURES / entry["file"], handler_for)
+    with_payload = list(records)
+    assert stats.packets > 0
+    assert not with_payload, f"{entry['file']}: frames with payload bytes: {with_payload[:10]}"
 
 
 # -- fresh recordings (CI re-records everything) ---------------------------------------------
