@@ -40,7 +40,6 @@ import pytest
 
 from tests.test_captures import CAPTURES, ENTRIES, analyse
 
-pytestmark = pytest.mark.tshark
 
 FIELDS = ["frame.number", "frame.time_epoch", "sll.ifindex", "ip.src", "ipv6.src", "ip.id", "tcp.srcport", "tcp.dstport",
           "tcp.seq_raw", "tcp.ack_raw", "tcp.flags", "tcp.len", "tcp.window_size_value", "tcp.options.timestamp.tsval",
@@ -54,8 +53,8 @@ def tshark_missing() -> str | None:
     return None
 
 
-@pytest.fixture(autouse=True)
-def _need_tshark():
+@pytest.fixture
+def need_tshark():
     reason = tshark_missing()
     if reason:
         if os.environ.get("KAOBS_REQUIRE_PRIVILEGED") == "1":
@@ -114,8 +113,9 @@ def cross_check(path: Path, entry: dict[str, Any], capsys) -> dict[str, int]:
             "flagged_copies": len(flagged & copies)}
 
 
+@pytest.mark.tshark
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e["file"] for e in ENTRIES])
-def test_keepalive_probes_equal_tshark_keep_alive(entry, capsys):
+def test_keepalive_probes_equal_tshark_keep_alive(entry, capsys, need_tshark):
     counts = cross_check(CAPTURES / entry["file"], entry, capsys)
     must = {c["path"]: c for c in entry["must_show"]}
     if "input.duplicates_dropped" in must:
