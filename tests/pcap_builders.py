@@ -127,11 +127,24 @@ def sll2(l3: bytes, ethertype: int = ETH_IPV4, ifindex: int = 2, pkttype: int = 
                        b"\x02\x42\xac\x11\x00\x02") + l3
 
 
+def null_loopback(l3: bytes, family: int, *, big: bool = False) -> bytes:
+    """BSD loopback (DLT_NULL 0): the address family in the capturing host's byte order;
+    OpenBSD loopback (DLT_LOOP 108) is the same header, always big-endian."""
+    return struct.pack(">I" if big else "<I", family) + l3
+
+
 LINKTYPE_ETHERNET, LINKTYPE_RAW, LINKTYPE_SLL, LINKTYPE_SLL2 = 1, 101, 113, 276
+LINKTYPE_NULL, LINKTYPE_LOOP, LINKTYPE_IPV4, LINKTYPE_IPV6 = 0, 108, 228, 229
+LINUX_AF_INET6, BSD_AF_INET6 = 10, (24, 28, 30)  # NetBSD/OpenBSD, FreeBSD, macOS
 
 
 def frame_for(linktype: int, packet: Tcp, **link) -> bytes:
     l3 = packet.ip_packet()
+    if linktype in (LINKTYPE_NULL, LINKTYPE_LOOP):
+        family = 2 if packet.version == 4 else link.pop("family6", BSD_AF_INET6[0])
+        return null_loopback(l3, family, big=linktype == LINKTYPE_LOOP or link.pop("big", False))
+    if linktype in (LINKTYPE_IPV4, LINKTYPE_IPV6, 12, 14):
+        return l3
     if linktype == LINKTYPE_ETHERNET:
         return ether(l3, packet.ethertype, **link)
     if linktype == LINKTYPE_SLL:
@@ -153,10 +166,14 @@ class Record:
 
 
 def pcap(records: Iterable[Record], linktype: int, *, nsec: bool = False, big: bool = False,
-         snaplen: int = 262144) -> bytes:
-    """A classic pcap file; records longer than `snaplen` are cut as libpcap would."""
+         snaplen: int = 262144, kuznetzov: bool = False) -> bytes:
+    """A classic pcap file; records longer than `snaplen` are cut as libpcap would.
+
+    `kuznetzov`: the patched-libpcap variant (magic a1b2cd34) whose record
+    headers carry 8 more bytes (ifindex, protocol, packet type, padding).
+    """
     o = ">" if big else "<"
-    magic = 0xA1B23C4D if nsec else 0xA1B2C3D4
+    magic = 0xA1B2CD34 if kuznetzov else 0xA1B23C4D if nsec else 0xA1B2C3D4
     out = [struct.pack(o + "IHHiIII", magic, 2, 4, 0, 0, snaplen, linktype)]
     per_second = 10**9 if nsec else 10**6
     for r in records:
@@ -164,6 +181,8 @@ def pcap(records: Iterable[Record], linktype: int, *, nsec: bool = False, big: b
         data = r.data[:snaplen]
         wirelen = len(r.data) if r.wirelen is None else r.wirelen
         out.append(struct.pack(o + "IIII", units // per_second, units % per_second, len(data), wirelen))
+        if kuznetzov:
+            out.append(struct.pack(o + "IHBx", 3, 0x0800, 0))
         out.append(data)
     return b"".join(out)
 

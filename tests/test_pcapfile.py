@@ -27,6 +27,10 @@ from tests.pcap_builders import (
     ETH_QINQ,
     ETH_VLAN,
     LINKTYPE_ETHERNET,
+    LINKTYPE_IPV4,
+    LINKTYPE_IPV6,
+    LINKTYPE_LOOP,
+    LINKTYPE_NULL,
     LINKTYPE_RAW,
     LINKTYPE_SLL,
     LINKTYPE_SLL2,
@@ -122,6 +126,39 @@ def test_link_types_and_ip_versions(tmp_path, linktype, family):
     segments, stats, _ = read(write(tmp_path, "c.pcap", data))
     assert_same(segments, expected(packets, list(range(1, 10)), stamps))
     assert stats.duplicates == 0  # cooked captures are deduplicated, but nothing here is a copy
+
+
+@pytest.mark.parametrize("linktype, options", [
+    (LINKTYPE_NULL, {"family6": 10}), (LINKTYPE_NULL, {"big": True}), (LINKTYPE_NULL, {"family6": 24}),
+    (LINKTYPE_NULL, {"family6": 28, "big": True}), (LINKTYPE_NULL, {"family6": 30}),
+    (LINKTYPE_LOOP, {}), (LINKTYPE_LOOP, {"family6": 10}), (12, {}), (14, {}),
+], ids=["null-linux-af", "null-big-endian-host", "null-netbsd", "null-freebsd-big", "null-macos", "loop", "loop-linux-af",
+        "dlt12", "dlt14"])
+def test_loopback_and_raw_variants(tmp_path, linktype, options):
+    packets = conversation() + conversation(CLIENT6, SERVER6)
+    stamps = times(len(packets))
+    data = pcap([Record(t, frame_for(linktype, p, **options)) for t, p in zip(stamps, packets)], linktype)
+    segments, _, _ = read(write(tmp_path, "lo.pcap", data))
+    assert_same(segments, expected(packets, list(range(1, 19)), stamps))
+
+
+@pytest.mark.parametrize("linktype, family", [(LINKTYPE_IPV4, 4), (LINKTYPE_IPV6, 6)])
+def test_raw_ipv4_and_ipv6_link_types(tmp_path, linktype, family):
+    packets = conversation(CLIENT6, SERVER6) if family == 6 else conversation()
+    stamps = times(len(packets))
+    segments, _, _ = read(write(tmp_path, "raw.pcap", pcap([Record(t, frame_for(linktype, p))
+                                                             for t, p in zip(stamps, packets)], linktype)))
+    assert_same(segments, expected(packets, list(range(1, 10)), stamps))
+
+
+def test_kuznetzov_pcap(tmp_path):
+    """The patched-libpcap format: 24-byte record headers."""
+    packets = conversation()
+    stamps = times(len(packets))
+    data = pcap([Record(t, frame_for(1, p)) for t, p in zip(stamps, packets)], 1, kuznetzov=True)
+    segments, stats, warned = read(write(tmp_path, "kuz.pcap", data))
+    assert_same(segments, expected(packets, list(range(1, 10)), stamps))
+    assert stats.complete and warned == []
 
 
 def test_ipv6_extension_headers(tmp_path):
@@ -693,6 +730,11 @@ def tshark_cases(tmp_path: Path) -> dict[str, Path]:
         "sll-v1": pcap([Record(t, frame_for(LINKTYPE_SLL, p)) for t, p in zip(stamps, both)], LINKTYPE_SLL),
         "sll-v2": pcap([Record(t, frame_for(LINKTYPE_SLL2, p)) for t, p in zip(stamps, both)], LINKTYPE_SLL2),
         "raw": pcap([Record(t, frame_for(LINKTYPE_RAW, p)) for t, p in zip(stamps, both)], LINKTYPE_RAW),
+        "null": pcap([Record(t, frame_for(LINKTYPE_NULL, p, family6=30)) for t, p in zip(stamps, both)], LINKTYPE_NULL),
+        "loop": pcap([Record(t, frame_for(LINKTYPE_LOOP, p, family6=24)) for t, p in zip(stamps, both)], LINKTYPE_LOOP),
+        "ipv4-228": pcap([Record(t, frame_for(LINKTYPE_IPV4, p)) for t, p in zip(stamps, c4)], LINKTYPE_IPV4),
+        "ipv6-229": pcap([Record(t, frame_for(LINKTYPE_IPV6, p)) for t, p in zip(stamps, c6)], LINKTYPE_IPV6),
+        "kuznetzov": pcap([Record(t, frame_for(1, p)) for t, p in zip(stamps, both)], 1, kuznetzov=True),
         "qinq-and-options": pcap([Record(t, ether(dataclasses.replace(p, ip_options=b"\x01" * 8 if p.version == 4 else b"",
                                                                        ext=[(0, b"")] if p.version == 6 else ()).ip_packet(),
                                                    p.ethertype, [(ETH_QINQ, 10), (ETH_VLAN, 20)]))

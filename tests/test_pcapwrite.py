@@ -26,6 +26,8 @@ from tests.pcap_builders import (
     ETH_QINQ,
     ETH_VLAN,
     LINKTYPE_ETHERNET,
+    LINKTYPE_LOOP,
+    LINKTYPE_NULL,
     LINKTYPE_RAW,
     LINKTYPE_SLL,
     LINKTYPE_SLL2,
@@ -48,7 +50,7 @@ from tests.test_pcapfile import assert_same, read, tshark_segments
 
 SECRET = b"SELECT secret FROM t"
 TSHARK = shutil.which("tshark")
-LINKTYPES = [LINKTYPE_ETHERNET, LINKTYPE_SLL, LINKTYPE_SLL2, LINKTYPE_RAW]
+LINKTYPES = [LINKTYPE_ETHERNET, LINKTYPE_SLL, LINKTYPE_SLL2, LINKTYPE_RAW, LINKTYPE_NULL, LINKTYPE_LOOP]
 
 
 def packets_and_frames(linktype: int):
@@ -90,7 +92,7 @@ def record_lengths(data: bytes) -> list[tuple[int, int]]:
     return out
 
 
-@pytest.mark.parametrize("linktype", LINKTYPES, ids=["ether", "sll", "sll2", "raw"])
+@pytest.mark.parametrize("linktype", LINKTYPES, ids=["ether", "sll", "sll2", "raw", "null", "loop"])
 @pytest.mark.parametrize("nsec", [False, True], ids=["usec", "nsec"])
 def test_round_trip_headers_only(tmp_path, linktype, nsec):
     packets, frames = packets_and_frames(linktype)
