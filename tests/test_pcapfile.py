@@ -747,6 +747,10 @@ def tshark_cases(tmp_path: Path) -> dict[str, Path]:
                                   shb(big=True), idb(1, big=True),
                                   *[epb(0, t, frame_for(1, p), big=True) for t, p in zip(stamps[9:], c6)]]),
     }
+    files["other-blocks-pcapng"] = b"".join([
+        shb(comment=b"built by hand"), idb(1), custom_block(4, b"\x00" * 4),
+        epb(0, stamps[0], frame_for(1, c4[0]), comment=b"first"), pb(0, stamps[1], frame_for(1, c4[1])),
+        custom_block(5, struct.pack("<III", 0, 0, 0)), *[epb(0, t, frame_for(1, p)) for t, p in zip(stamps[2:], c4[2:])]])
     tcp_bytes = c4[3].tcp_header() + c4[3].payload
     files["fragments"] = pcap([Record(stamps[0], ether(ipv4(CLIENT4, SERVER4, tcp_bytes[:24], df=False, mf=True, ident=5))),
                                Record(stamps[1], ether(ipv4(CLIENT4, SERVER4, tcp_bytes[24:], df=False, frag_offset=24, ident=5))),
