@@ -1063,3 +1063,21 @@ def run_plain(lab: LabRun, consume: Callable[[TcpSegment], None] | None = None) 
                 consume(segment)
             if lab.stop_event.is_set():
                 break
+
+
+def record_scenario(scenario: Scenario, image: str, path: str, *, full_packets: bool = False,
+                    on_event: Callable[[LabEvent], None] | None = None) -> LabRun:
+    """Play `scenario` and keep its capture in `path` (headers only unless `full_packets`); return the finished run.
+
+    For recorders (captures/record.py): the returned `LabRun` says what was
+    done — `events`, `sessions_by_port`, `session_settings` (SHOW per
+    session), `env.server_sysctls`/`env.client_sysctls`, `fault_t`,
+    `end_reason`, `expectations_for(client endpoint)` — after everything it
+    created was removed. Raises LabError when the run could not happen.
+    """
+    lab = LabRun(scenario, image, write=path, full_packets=full_packets, on_event=on_event)
+    with lab:
+        run_plain(lab)
+    if lab.error:
+        raise LabError(lab.error)
+    return lab

@@ -390,3 +390,22 @@ def test_a_missing_image_is_one_line_and_never_pulled():
     repositories = subprocess.run(["docker", "images", "--format", "{{.Repository}}"], capture_output=True, text=True,
                                   check=True).stdout.split()
     assert "kaobs/no-such-image" not in repositories
+
+
+def test_record_scenario_keeps_a_pcap_that_reads_back(tmp_path):
+    """The recorders' entry point: a scenario played without the live view, its capture read back from the file."""
+    from analysis.analyze import analyze_segments
+    from kaobs.labenv import Scenario, record_scenario
+    from sniffer.pcapfile import CaptureReader
+
+    scenario = Scenario(server_settings=(("tcp_keepalives_idle", "1"), ("tcp_keepalives_interval", "1"),
+                                         ("tcp_keepalives_count", "2")), fault_after_answered=1)
+    path = str(tmp_path / "recorded.pcap")
+    lab = record_scenario(scenario, IMAGE, path)
+    assert lab.end_reason == "ended" and lab.fault_t is not None
+    ((client, index),) = lab.sessions_by_port.items()
+    model, (report,) = analyze_segments(CaptureReader(path), lab.expectations_for(client))
+    assert report.connection.client.endpoint == client and index == 0
+    assert report.verdict == "match" and report.server.abort is not None
+    assert report.server.answered == 1 and report.server.observed.count == 2
+    assert _lab_objects(lab.env.run_id) == []
