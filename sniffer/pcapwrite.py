@@ -188,7 +188,7 @@ def strip_payloads(src: str | os.PathLike, dst: str | os.PathLike, *, warn: Warn
             raise CaptureError(
                 f"{src_name} has interfaces of different link types ({linktypes[0]} "
                 f"{linktype_name(linktypes[0])}, {linktype} {linktype_name(linktype)}); a pcap holds one: "
-                "split it first, e.g. tshark -r SRC -Y 'frame.interface_id == 0' -w PART")
+                f"split it first, e.g. tshark -r {src_name} -Y 'frame.interface_id == 0' -w PART.pcapng")
         writer = writers[0]
         write = writer.write
 
