@@ -62,6 +62,24 @@ def make_expectations(expect: Sequence[str], client_dsn: str | None, sysctls: Se
         raise UserError(str(error)) from None
 
 
+def echo_json(document: object) -> None:
+    """Print `document` as `json.dumps(document, indent=1)` would, without building the whole string.
+
+    The encoder with indent yields a million small pieces for a big report;
+    joining them all at once doubled the peak memory of `kaobs analyze`.
+    """
+    out = sys.stdout
+    pieces: list[str] = []
+    for piece in json.JSONEncoder(indent=1).iterencode(document):
+        pieces.append(piece)
+        if len(pieces) >= 16384:
+            out.write("".join(pieces))
+            pieces.clear()
+    pieces.append("\n")
+    out.write("".join(pieces))
+    out.flush()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kaobs")
 def main() -> None:
@@ -114,7 +132,7 @@ def analyze(captures: tuple[str, ...], expect, client_dsn, sysctls, ports, hz, o
     reports = judge_all(model, expectations, model.capture_end, run.hz)
     view = postgres.finish(reports) if postgres is not None else None
     if output_format == "json":
-        click.echo(json.dumps(to_json(run, reports, expectations, view), indent=1))
+        echo_json(to_json(run, reports, expectations, view))
     else:
         render_text(Console(highlight=False, width=None if sys.stdout.isatty() else 200), run, reports, expectations,
                     view)
