@@ -48,7 +48,6 @@ from analysis.expect import (
     ExpectationError,
     Expectations,
     GUC_NAMES,
-    KernelDefaults,
     SideExpectation,
     build_expectations,
     parse_conninfo,
