@@ -443,3 +443,26 @@ def test_watch_lines_alarm_and_sigterm_give_the_final_report_and_a_valid_pcap(tm
     assert_headers_only(pcap)
     offline = subprocess.run(kaobs_cmd("analyze", pcap, *NETNS_EXPECT), capture_output=True, text=True, timeout=60)
     assert offline.returncode == 0 and "1 connection(s): 1 match" in offline.stdout
+
+
+@pytest.mark.privileged
+def test_ctrl_c_on_an_idle_interface_ends_with_a_report_and_a_valid_empty_pcap(tmp_path):
+    from tests.test_live import netns_peer
+
+    pcap = str(tmp_path / "idle.pcap")
+    with netns_peer() as peer:
+        watch = subprocess.Popen(kaobs_cmd("watch", "--interface", peer.host_if, "--write", pcap),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for_line(watch.stdout, "watching", 20)
+            watch.send_signal(signal.SIGINT)
+            rest, err = watch.communicate(timeout=15)
+        finally:
+            watch.kill()
+            watch.wait(timeout=10)
+    assert watch.returncode == 0, err
+    assert "Traceback" not in err
+    assert f"No Postgres connection in live:{peer.host_if}" in rest
+    assert pcap_records(pcap) == []  # a file header and nothing else: still a valid pcap
+    again = subprocess.run(kaobs_cmd("analyze", pcap), capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "No Postgres connection" in again.stdout
