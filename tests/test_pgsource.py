@@ -319,17 +319,22 @@ def test_backend_gone_after_a_vanished_clients_abort_and_a_busy_one_outlives_it(
     busy_pid = _backend_pid(lab, busy_port)
     # `kaobs watch --dsn` beside it, as a user runs it: it must reach the same conclusions on its own
     watch = subprocess.Popen([sys.executable, "-m", "kaobs", "watch", "--network", lab.env.network, "--dsn",
-                              lab.monitor_dsn, "--duration", "16", "--format", "json"],
+                              lab.monitor_dsn, "--duration", "18", "--format", "json"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     watch_started = time.monotonic()
     expectations, live = LivePostgres.start(lab.monitor_dsn, build_expectations(), poll_every=0.2, confirm_timeout=4.0)
     try:
-        model = _model_now(lab)
+        wait_until = time.monotonic() + 10  # tcpdump writes what it read; under load it may lag a little
+        while True:
+            model = _model_now(lab)
+            index = {c.client.port: c.index for c in model.connections}
+            if {s2_port, busy_port} <= set(index) or time.monotonic() > wait_until:
+                break
+            time.sleep(0.2)
         live.tick(model.connections, now=time.time())
-        index = {c.client.port: c.index for c in model.connections}
         s2_index, busy_index = index[s2_port], index[busy_port]
         assert live.tracker.pid(s2_index) == pid and live.tracker.pid(busy_index) == busy_pid  # named while alive
-        time.sleep(max(0.0, watch_started + 4.0 - time.monotonic()))  # the watch has seen both sessions probe
+        time.sleep(max(0.0, watch_started + 6.0 - time.monotonic()))  # the watch has seen both sessions probe
         cut_at = time.time()
         lab.env.vanish("client")
         deadline = time.monotonic() + 25
