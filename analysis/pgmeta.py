@@ -381,10 +381,12 @@ def server_expectation(
             text = f"{guc} = {shown} ({reading.origin()})"
             source = f"server: {reading.source}"
         if mine.judged:
-            lines.append(f"{text}; --expect {mine.given} is used instead")
+            # --expect, or the client DSN's options=-c (the sessions of that application run it)
+            given = f"--expect {mine.given}" if mine.source == "--expect" else f"{mine.given} [{mine.source}]"
+            lines.append(f"{text}; {given} is used instead")
             if float(mine.value) != float(value):  # type: ignore[arg-type]
-                warnings.append(f"--expect {mine.given} differs from the server's {guc} ({text.split(' = ', 1)[1]}): "
-                                "judging against --expect")
+                warnings.append(f"{given} differs from the server's {guc} ({text.split(' = ', 1)[1]}): "
+                                "judging against it")
             settings[key] = mine
             continue
         lines.append(text)

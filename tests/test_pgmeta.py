@@ -135,6 +135,30 @@ def test_expect_wins_over_server_with_a_warning():
     assert any("differs from the server's tcp_keepalives_idle" in w for w in warnings)
 
 
+def test_client_dsn_options_win_over_the_server_wide_value():
+    dsn = "host=db options='-c tcp_keepalives_idle=2'"
+    explicit, _ = apply_session_options(build_expectations(client_dsn=dsn), dsn)
+    side, lines, warnings = server_expectation(readings(), explicit.server)
+    assert side.idle.value == 2 and side.interval.value == 75
+    assert "tcp_keepalives_idle=2 (client DSN options) [client DSN options=-c (per session)] is used instead" in lines[0]
+    assert "--expect" not in lines[0] and any("differs from the server's tcp_keepalives_idle" in w for w in warnings)
+
+
+def test_cli_unix_socket_dsn_is_refused_before_connecting():
+    from pathlib import Path
+
+    seed = Path("/work/shared/reference/seed_idle3_int2_cnt3_dead_client.pcap")
+    if not seed.exists():
+        pytest.skip("seed capture not present")
+    done = subprocess.run([sys.executable, "-m", "kaobs", "analyze", str(seed), "--dsn", "user=monitor password=pw9x"],
+                          capture_output=True, text=True, timeout=60, env={k: v for k, v in __import__("os").environ.items()
+                                                                            if not k.startswith("PG")})
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("kaobs: error: --dsn user=monitor password=***: no host given") and "Unix socket" in line
+    assert "pw9x" not in done.stdout + done.stderr and "#1 " in done.stdout
+
+
 def test_role_level_setting_is_flagged():
     _, _, warnings = server_expectation(readings(idle_source="user"), build_expectations().server)
     assert any("ALTER ROLE" in w for w in warnings)
