@@ -432,6 +432,11 @@ class KeepaliveModel:
             after_keepalive = last_probe is not None and last_probe.kind == "keepalive" and (
                 sender.series_probes > 0 or sender.last_accepted == last_probe.answer_t
             )
+            if conn.end_reason == "keepalive_abort" and not after_keepalive:
+                # The connection already ended by keepalive; this RST answers a
+                # segment that came later (a vanished peer back, sending its FIN):
+                # the abort stands (seen live on a veth, 2026-11-26).
+                return
             sender.reset = Reset(
                 frame=seg.frame,
                 t=t,

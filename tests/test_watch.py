@@ -146,6 +146,23 @@ def test_run_live_with_the_abort_matches_and_raises_no_missing_abort_alarm():
     assert "ABORT (RST) after 3 unanswered" in text
 
 
+
+def test_a_peer_back_after_the_abort_does_not_undo_it():
+    """Seen live: the vanished client, killed later, sends its FIN; the server's kernel answers RST.
+
+    That RST answers a segment after the connection ended: the keepalive abort stands.
+    """
+    from sniffer.records import RST
+
+    conv = seed_conversation()
+    conv.fin("client", 15.3)
+    conv._emit("server", 15.3001, RST, conv.server.next_seq)
+    _, [report], text, _ = replay(conv)
+    assert report.connection.end_reason == "keepalive_abort"
+    assert report.server.abort is not None and report.server.abort.t == pytest.approx(conv.t0 + 15.13)
+    assert report.verdict == "match"
+    assert "not a keepalive abort" not in text and "client FIN" in text
+
 def test_overdue_probe_alarm_says_keepalives_are_not_running():
     conv = Conversation().handshake().exchange(0.01)
     _, [report], text, _ = replay(conv, ("tcp_keepalives_idle=3",), duration=6.0)
