@@ -46,6 +46,7 @@ import re
 import secrets
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -174,6 +175,8 @@ class Figures:
     cpu_us_per_read: float = 0.0
     load_average: str = ""
     nice: int = 0
+    table_cpu_percent: float | None = None
+    table_drops: int | None = None
     pgbench_args: str = "-S"
 
     def verdict(self) -> tuple[bool, list[str]]:
@@ -217,6 +220,9 @@ def table(fig: Figures) -> str:
                      f"{fig.tshark_probes} / {fig.tshark_missing}"))
     if fig.runqueue_wait_percent is not None:
         rows.append(("kaobs runnable but waiting for a CPU during the load", f"{fig.runqueue_wait_percent:.1f} % of the time"))
+    if fig.table_cpu_percent is not None:
+        rows.append(("second kaobs watch with the live table on a terminal: CPU during the load / kernel drops",
+                     f"{fig.table_cpu_percent:.1f} % / {'?' if fig.table_drops is None else fig.table_drops}"))
     if fig.load_average:
         rows.append(("machine load average at the end of the load (2 CPUs)", fig.load_average))
     if fig.stop_s is not None:
@@ -280,6 +286,54 @@ def has_packet_socket(pid: int) -> bool:
             return any(line.split()[-1] in inodes for line in f)
     except (OSError, StopIteration, IndexError):
         return False
+
+
+class TableWatch:
+    """A second `kaobs watch` whose stdout is a terminal (a pty of 50x160): the rich live table, redrawn as it runs.
+
+    Its output is read all along (a full pty would block it); the final
+    report's "the kernel dropped N of M packets" warning gives its drops.
+    """
+
+    def __init__(self, bridge: str, args: argparse.Namespace) -> None:
+        import fcntl
+        import pty
+        import termios
+
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
+        self.proc = subprocess.Popen(
+            ["kaobs", "watch", "--interface", bridge, "--duration", str(args.seconds + 240)],
+            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=dict(os.environ, TERM="xterm", **args.watch_env),
+            start_new_session=True, preexec_fn=niceness(args.nice))
+        os.close(slave)
+        self.tail = bytearray()
+        self.bytes = 0
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:  # EIO once the child closed the pty
+                return
+            if not chunk:
+                return
+            self.bytes += len(chunk)
+            self.tail += chunk
+            del self.tail[:-20000]
+
+    def finish(self) -> int | None:
+        """SIGINT, wait, and the kernel drops its report names (0 when it names none)."""
+        stop_process(self.proc, signal.SIGINT, timeout=60)
+        self._reader.join(5)
+        os.close(self.master)
+        text = re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]", b"", bytes(self.tail)).decode(errors="replace")
+        match = re.search(r"kernel dropped (\d+) of", text)
+        if match:
+            return int(match.group(1))
+        return 0 if re.search(r"connection\(s\):|No Postgres connection", text) else None
 
 
 class LineReader:
@@ -410,6 +464,9 @@ def run(args: argparse.Namespace) -> Figures:
         kaobs = subprocess.Popen(watch_cmd, stdout=kaobs_out, stderr=kaobs_err, env=dict(os.environ, **args.watch_env),
                                  start_new_session=True, preexec_fn=niceness(args.nice))
         procs.append(kaobs)
+        table = TableWatch(bridge, args) if args.table else None
+        if table is not None:
+            procs.append(table.proc)
         deadline = time.monotonic() + 30
         while not has_packet_socket(kaobs.pid):
             if kaobs.poll() is not None or time.monotonic() > deadline:
@@ -435,6 +492,7 @@ def run(args: argparse.Namespace) -> Figures:
 
         log(f"pgbench -c {args.clients} -j {args.threads} -T {args.seconds:g} -S -M {args.protocol}")
         cpu0, veth0, t0 = read_cpu(kaobs.pid), veth_packets(env.server.pid), time.monotonic()
+        table_cpu0 = read_cpu(table.proc.pid) if table is not None else None
         sched0 = read_schedstat(kaobs.pid)
         pgbench = subprocess.Popen(
             pgbench_base + ["-c", str(args.clients), "-j", str(args.threads), "-T", str(int(args.seconds)), "-S",
@@ -452,6 +510,9 @@ def run(args: argparse.Namespace) -> Figures:
         except subprocess.TimeoutExpired:
             raise BenchError("pgbench did not finish in time") from None
         cpu1, veth1, t1 = read_cpu(kaobs.pid), veth_packets(env.server.pid), time.monotonic()
+        table_cpu1 = read_cpu(table.proc.pid) if table is not None else None
+        if table_cpu0 is not None and table_cpu1 is not None:
+            fig.table_cpu_percent = 100 * (table_cpu1 - table_cpu0) / (t1 - t0)
         sched1 = read_schedstat(kaobs.pid)
         if sched0 and sched1:
             fig.runqueue_wait_percent = 100 * (sched1[1] - sched0[1]) / 1e9 / (t1 - t0)
@@ -478,6 +539,8 @@ def run(args: argparse.Namespace) -> Figures:
         except subprocess.TimeoutExpired:
             raise BenchError("kaobs watch did not end within 60 s of SIGINT") from None
         fig.stop_s = time.monotonic() - sigint_t
+        if table is not None:
+            fig.table_drops = table.finish()
         fig.cpu_total_s = cpu_end
         fig.kaobs_life_s = sigint_t - kaobs_started
         time.sleep(0.3)
@@ -565,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--watch-env", action="append", default=[], metavar="NAME=VALUE",
                         help="environment for kaobs watch (e.g. KAOBS_CAPTURE=socket)")
     parser.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    parser.add_argument("--table", action="store_true",
+                        help="also run a second kaobs watch with the live table on a terminal (a pty) and measure it")
     parser.add_argument("--nice", type=int, default=0, metavar="N",
                         help="run kaobs watch and tcpdump with this niceness increment (e.g. -10 on a machine busy "
                              "with other work; both get the same)")
