@@ -557,6 +557,7 @@ def match_connections(
     """Name each captured connection after its pg_stat_activity row (client address and port), or say why not."""
     own = server.own_pid if server is not None else None
     visible = [b for b in backends if b.pid != own and not b.hidden]
+    own_keys = {(normalize_address(b.client_addr), b.client_port) for b in backends if b.pid == own}
     hidden = sum(1 for b in backends if b.hidden)
     by_key: dict[tuple[str | None, int | None], Backend] = {}
     addresses: dict[str, int] = {}
@@ -571,6 +572,9 @@ def match_connections(
         info = ConnectionPostgres()
         result[conn.index] = info
         client_address = normalize_address(conn.client.address)
+        if (client_address, conn.client.port) in own_keys:
+            info.reason = f"kaobs's own monitoring session (--dsn, backend pid {own})"
+            continue
         candidate = by_key.get((client_address, conn.client.port))
         if candidate is not None:
             why = _fits(conn, candidate, tolerance)

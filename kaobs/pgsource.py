@@ -351,20 +351,26 @@ def read_server(
     sysctls: Sequence[str] = (),
     container: str | None = None,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+    source: PostgresSource | None = None,
 ) -> ServerSnapshot:
     """Connect, read settings and sessions, and close; the server side of `expectations` comes from the server.
 
-    Raises PostgresError (one line) when the server cannot be reached or read;
-    the caller still runs the packet analysis.
+    With `source` (connected) it is used and left open.  Raises PostgresError
+    (one line) when the server cannot be reached or read; the caller still
+    runs the packet analysis.
     """
-    source = PostgresSource(dsn, connect_timeout=connect_timeout)
-    view = PostgresView(dsn=source.redacted)
     user_kernel, _ = parse_sysctls(sysctls) if sysctls else (KernelDefaults(), None)
     container_kernel, container_addresses = _read_container(container) if container else (None, set())
-    with source:
+    own = source is None
+    source = source or PostgresSource(dsn, connect_timeout=connect_timeout).connect()
+    view = PostgresView(dsn=source.redacted)
+    try:
         server = source.server_info()
         readings = source.read_settings()
         backends = source.poll_backends()
+    finally:
+        if own:
+            source.close()
     view.server, view.settings, view.backends = server, readings, backends
     if container_kernel is not None and normalize_address(server.address) not in container_addresses:
         view.warnings.append(f"--container {container} is not the server the DSN reaches ({server.address} is not one "
@@ -452,8 +458,12 @@ class LivePostgres:
     def start(cls, dsn: str, expectations: Expectations, sysctls: Sequence[str] = (), container: str | None = None,
               **kwargs) -> tuple[Expectations, "LivePostgres"]:
         """Read the settings (server-side expectations) and keep a connection open; raises PostgresError."""
-        snapshot = read_server(dsn, expectations, sysctls, container)
         source = PostgresSource(dsn).connect()
+        try:
+            snapshot = read_server(dsn, expectations, sysctls, container, source=source)
+        except BaseException:
+            source.close()
+            raise
         return snapshot.expectations, cls(source, snapshot, **kwargs)
 
     def _warn(self, message: str) -> None:

@@ -207,14 +207,15 @@ def test_connections_are_named_or_told_why_not():
     open_conn = conversation(41000).handshake(0).exchange(0.1)
     ended = conversation(41001).handshake(0).exchange(0.1).fin("client", 0.5).fin("server", 0.51)
     reused = conversation(41002).handshake(0).exchange(0.1).fin("client", 0.5).fin("server", 0.51)
-    nat = conversation(41003, address="10.9.0.3").handshake(0).exchange(0.1)
+    own = conversation(41003, address="10.9.0.3").handshake(0).exchange(0.1)
     other_port = conversation(41004).handshake(0).exchange(0.1)
-    reports = reports_for([open_conn, ended, reused, nat, other_port], build_expectations())
+    nat = conversation(41006, address="10.9.0.4").handshake(0).exchange(0.1)
+    reports = reports_for([open_conn, ended, reused, own, other_port, nat], build_expectations())
     backends = [
         backend(10, 41000),
         backend(12, 41002, start=T0 + 30),  # started long after that connection ended
         backend(13, 50000, address="192.0.2.7"),  # what a NAT/pooler looks like
-        backend(99, 41003),  # the monitoring session itself is never a match
+        backend(99, 41003, address="10.9.0.3"),  # the monitoring session itself: said, never a match
         Backend(14, None, None, None, None, None, None, None, None, None, hidden=True),
     ]
     named = match_connections([r.connection for r in reports], backends, server_info())
@@ -222,7 +223,8 @@ def test_connections_are_named_or_told_why_not():
     assert by_port[41000].backend.pid == 10
     assert "ended in the capture (closed (FIN))" in by_port[41001].reason
     assert "client port was reused" in by_port[41002].reason and by_port[41002].backend is None
-    nat_reason = by_port[41003].reason
+    assert by_port[41003].reason.startswith("kaobs's own monitoring session (--dsn, backend pid 99)")
+    nat_reason = by_port[41006].reason
     assert "192.0.2.7" in nat_reason and "pooler or NAT" in nat_reason and "pg_read_all_stats" in nat_reason
     assert "backends from 10.9.0.2 exist but on other ports" in by_port[41004].reason
 
