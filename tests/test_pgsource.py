@@ -264,6 +264,12 @@ def test_wrong_password_is_one_line_exit_2_and_the_packets_are_still_analyzed(la
     assert f"connection refused at {lab.env.server.ip}:5999" in line
     doc = json.loads(refused.stdout)
     assert "connection refused" in doc["postgres"]["error"] and doc["connections"]
+    watched = _kaobs("watch", "--network", lab.env.network, "--duration", "1", "--format", "json",
+                     "--dsn", f"host={lab.env.server.ip} user=monitor password={wrong}")
+    assert watched.returncode == 2
+    [line] = watched.stderr.strip().splitlines()
+    assert line.startswith("kaobs: error: --dsn ") and "authentication failed" in line and wrong not in line
+    assert json.loads(watched.stdout)["postgres"]["error"] == line.removeprefix("kaobs: error: ")
 
 
 BUSY_CLIENT = """
