@@ -34,7 +34,7 @@ import socket
 import struct
 from typing import Callable
 
-from sniffer.frames import ETHER_IPV4_FLOW, LINKTYPE_ETHERNET, LINKTYPE_RAW, make_record_parser
+from sniffer.frames import LINKTYPE_ETHERNET, LINKTYPE_RAW, make_record_parser
 
 SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP = 1
@@ -74,6 +74,13 @@ _BLOCK_STATUS = struct.Struct("I")
 _BLOCK_STATUS_OFFSET = 8
 # struct tpacket3_hdr: tp_next_offset, tp_sec, tp_nsec, tp_snaplen, tp_len, tp_status, tp_mac, tp_net
 _HDR = struct.Struct("IIIIIIHH")
+# The part of it the walk needs: tp_next_offset, tp_sec, tp_nsec, tp_snaplen, tp_len, tp_mac.
+_HDR_USED = struct.Struct("IIIII4xH")
+# Ethernet II + IPv4 without options + TCP from the EtherType on, as in `frames.ETHER_IPV4_FLOW`, but
+# EtherType and version/IHL as one 3-byte field (one comparison): head, total length, fragment field,
+# protocol, flow (addresses + ports), seq, ack, data offset, flags, window.
+_ETHER_IPV4_FLOW = struct.Struct("!3sxH2xHxBxx12sIIBBH")
+_IPV4_HEAD = b"\x08\x00\x45"
 _SLL_PKTTYPE_OFFSET = 48 + 10  # TPACKET_ALIGN(sizeof tpacket3_hdr) + offset of sll_pkttype in sockaddr_ll
 _BPF_INSN = struct.Struct("HBBI")
 _BPF_RET_K = 0x06
@@ -224,10 +231,11 @@ class PacketRing:
         block_unpack = _BLOCK.unpack_from
         status_pack = _BLOCK_STATUS.pack_into
         status_unpack = _BLOCK_STATUS.unpack_from
-        hdr_unpack = _HDR.unpack_from
+        hdr_unpack = _HDR_USED.unpack_from
         general = self._general
         ethernet = self.linktype == LINKTYPE_ETHERNET and each is None and not self.loopback
-        flow_unpack = ETHER_IPV4_FLOW.unpack_from
+        flow_unpack = _ETHER_IPV4_FLOW.unpack_from
+        append = out.append
         loopback = self.loopback
         packets = 0
         blocks = 0
@@ -237,21 +245,20 @@ class PacketRing:
             if not status_unpack(mm, base + _BLOCK_STATUS_OFFSET)[0] & TP_STATUS_USER:
                 break
             _, _, _, num, first = block_unpack(mm, base)
+            packets += num
             off = base + first
             for _ in range(num):
-                next_off, sec, nsec, snap, wirelen, _, mac, _ = hdr_unpack(mm, off)
+                next_off, sec, nsec, snap, wirelen, mac = hdr_unpack(mm, off)
                 t = sec + nsec * 1e-9
-                packets += 1
                 if ethernet and snap >= 54:
-                    # Inline `frames.record_ethernet`: the common frame in one more unpack.
-                    (ethertype, vihl, total, frag, proto, flow, seq, ack, offset, flags,
-                     window) = flow_unpack(mm, off + mac + 12)
-                    if (ethertype == 0x0800 and vihl == 0x45 and proto == 6
-                            and not frag & 0x1FFF and offset >= 0x50):
+                    # Inline `frames.record_ethernet`: the common frame in one more unpack (~0.7 us a
+                    # packet with the walk, against ~0.45 us for the model's feed_records).
+                    head, total, frag, proto, flow, seq, ack, offset, flags, window = flow_unpack(mm, off + mac + 12)
+                    if head == _IPV4_HEAD and proto == 6 and not frag & 0x1FFF and offset >= 0x50:
                         payload = total - 20 - ((offset >> 4) << 2)
                         if payload >= 0:
                             frame += 1
-                            out.append((frame, t, flow, seq, ack, flags, window, payload))
+                            append((frame, t, flow, seq, ack, flags, window, payload))
                             off += next_off
                             continue
                     record = general(mm, off + mac, off + mac + snap, frame + 1, t, wirelen)
