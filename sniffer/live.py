@@ -274,13 +274,15 @@ class LiveCapture:
         socket is used then, and `path_notes` says why. Without
         `full_packets` the kernel copies only the first bytes of each packet.
         """
-        from sniffer.ring import SNAPLEN, PacketRing, RingUnavailable, ring_disabled
+        from sniffer.ring import BLOCK_COUNT, SNAPLEN, PacketRing, RingUnavailable, ring_disabled
 
         if ring_disabled():
             self.path_notes.append("KAOBS_CAPTURE=socket")
             return None
         try:
-            ring = PacketRing(interface, self.filter, snaplen=0 if self.full_packets else SNAPLEN)
+            # 64 MB for one interface; several share that much (at least 16 MB each) rather than multiply it.
+            blocks = max(BLOCK_COUNT // 4, BLOCK_COUNT // len(self.interfaces))
+            ring = PacketRing(interface, self.filter, snaplen=0 if self.full_packets else SNAPLEN, block_count=blocks)
         except RingUnavailable as error:
             self.path_notes.append(str(error))
             return None
