@@ -60,7 +60,7 @@ _HEADERS = Struct("!6s6sH BBHHHBBH4s4s HHIIBBHHH BBBBII")
 _SYN_HEADERS = Struct("!6s6sH BBHHHBBH4s4s HHIIBBHHH BBH BB BBII B BBB")
 
 CLIENT, SERVER = 0, 1
-GENERATOR_VERSION = 1  # bump when the traffic changes, so benchmarks stop reusing old captures
+GENERATOR_VERSION = 2  # bump when the traffic changes, so benchmarks stop reusing old captures
 TAG_KEEPALIVE, TAG_WINDOW = "keepalive", "window"
 
 
@@ -543,6 +543,7 @@ def connections(net: Network, duration_hint: float) -> Iterator[tuple[float, Ite
         preexisting = i < 3
         life = rng.uniform(duration_hint * 0.3, duration_hint * 1.5)
         yield t + i * 0.0007, pooled(f, t + i * 0.0007, t + life, preexisting)
+    t += 8 * 0.0007  # starts must come in time order
     kinds = ("short", "keepalive", "zero_window", "pooled")
     weights = (4.0, 10.0, 0.5, 0.12)
     rate = sum(weights)

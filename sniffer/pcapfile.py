@@ -204,6 +204,7 @@ def _walk_pcap(path, name: str, stats: CaptureStats, warn: Warn,
         ether_ipv4_flow = ETHER_IPV4_FLOW.unpack_from
         read = f.read
         units = float(units)
+        max_caplen = MAX_CAPLEN
         buf = b""
         while True:
             chunk = read(_CHUNK)
@@ -211,12 +212,13 @@ def _walk_pcap(path, name: str, stats: CaptureStats, warn: Warn,
                 break
             buf = buf[pos:] + chunk if pos < n else chunk
             pos, n = 0, len(buf)
-            while pos + header_size <= n:
+            last_header = n - header_size
+            while pos <= last_header:
                 sec, frac, caplen, wirelen = record(buf, pos)
                 start = pos + header_size
                 end = start + caplen
-                if end > n or caplen > MAX_CAPLEN:
-                    if caplen > MAX_CAPLEN:
+                if end > n or caplen > max_caplen:
+                    if caplen > max_caplen:
                         _ended(name, stats, warn, frame, f"corrupt record length {caplen}")
                         return
                     break
@@ -268,22 +270,30 @@ def _idb_options(buf, p: int, stop: int, order: str) -> tuple[int, int]:
 def _walk_pcapng(path, name: str, stats: CaptureStats, warn: Warn,
                  handler_for: HandlerFactory) -> Iterator[object]:
     """pcapng: blocks of type, length, body, length; sections may switch byte order.
+
+    An Enhanced Packet Block that passes every check, on an interface whose
+    handler is `record_ethernet`, is taken by a fast path first, with the
+    common Ethernet/IPv4/TCP frame parsed inline as in `_walk_pcap`; anything
+    else, including every damaged block, goes through the general code.
     """
     f = _open(path, name)
     read = f.read
     buf = b""
     pos = n = frame = skipped = to_skip = 0
     t = 0.0
-    interfaces: list[tuple[Handler, int, int, int]] = []
+    # (handler, units per second, offset, snaplen, handler is record_ethernet)
+    interfaces: list[tuple[Handler, int, int, int, bool]] = []
+    ether_ipv4_flow = ETHER_IPV4_FLOW.unpack_from
+    max_caplen = MAX_CAPLEN
     order = "<"
-    u32 = block = epb = pb = idb = None
+    u32 = block = epb = pb = idb = epb_head = None
 
     def structs(o: str):
         return (Struct(o + "I").unpack_from, Struct(o + "II").unpack_from,
                 Struct(o + "IIIII").unpack_from, Struct(o + "HHIIII").unpack_from,
-                Struct(o + "HxxI").unpack_from)
+                Struct(o + "HxxI").unpack_from, Struct(o + "IIIIIII").unpack_from)
 
-    u32, block, epb, pb, idb = structs(order)
+    u32, block, epb, pb, idb, epb_head = structs(order)
     try:
         while True:
             if to_skip:
@@ -298,6 +308,35 @@ def _walk_pcapng(path, name: str, stats: CaptureStats, warn: Warn,
             buf = buf[pos:] + chunk if pos < n else chunk
             pos, n = 0, len(buf)
             while pos + 12 <= n:
+                if pos + 28 > n:
+                    btype = 0  # too short for an EPB: the general code decides
+                else:
+                    btype, blen, iface, high, low, caplen, wirelen = epb_head(buf, pos)
+                    bend = pos + blen
+                if (btype == 6 and bend <= n and blen >= 32 and not blen & 3
+                        and u32(buf, bend - 4)[0] == blen):
+                    start = pos + 28
+                    end = start + caplen
+                    if caplen <= max_caplen and end <= bend - 4 and iface < len(interfaces):
+                        handle, units, offset, _, inline = interfaces[iface]
+                        t = ((high << 32) | low) / units + offset
+                        frame += 1
+                        pos = bend
+                        if inline and caplen >= 54:
+                            (ethertype, vihl, total, frag, proto, flow, seq, ack, offset, flags,
+                             window) = ether_ipv4_flow(buf, start + 12)
+                            if (ethertype == 0x0800 and vihl == 0x45 and proto == 6
+                                    and not frag & 0x1FFF and offset >= 0x50):
+                                payload = total - 20 - ((offset >> 4) << 2)
+                                if payload >= 0:
+                                    yield (frame, t, flow, seq, ack, flags, window, payload)
+                                    continue
+                        item = handle(buf, start, end, frame, t, wirelen)
+                        if item is None:
+                            skipped += 1
+                        else:
+                            yield item
+                        continue
                 btype, blen = block(buf, pos)
                 if btype == _PCAPNG_SHB:
                     new_order = _BYTE_ORDER_MAGIC.get(buf[pos + 8:pos + 12])
@@ -306,7 +345,7 @@ def _walk_pcapng(path, name: str, stats: CaptureStats, warn: Warn,
                         return
                     if new_order != order:
                         order = new_order
-                        u32, block, epb, pb, idb = structs(order)
+                        u32, block, epb, pb, idb, epb_head = structs(order)
                         btype, blen = block(buf, pos)
                 if blen < 12 or blen & 3:
                     _ended(name, stats, warn, frame, f"corrupt block length {blen}")
@@ -341,13 +380,13 @@ def _walk_pcapng(path, name: str, stats: CaptureStats, warn: Warn,
                         _ended(name, stats, warn, frame,
                                f"packet on undeclared interface {iface}")
                         return
-                    handle, units, offset, _ = interfaces[iface]
+                    handle, units, offset, _, _ = interfaces[iface]
                     t = ((high << 32) | low) / units + offset
                 elif btype == _SPB:
                     if not interfaces:
                         _ended(name, stats, warn, frame, "packet on undeclared interface 0")
                         return
-                    handle, units, offset, snaplen = interfaces[0]
+                    handle, units, offset, snaplen, _ = interfaces[0]
                     (wirelen,) = u32(buf, pos + 8)
                     start = pos + 12
                     caplen = min(wirelen, blen - 16, snaplen or MAX_CAPLEN)
@@ -358,7 +397,9 @@ def _walk_pcapng(path, name: str, stats: CaptureStats, warn: Warn,
                         units, offset = _idb_options(buf, pos + 16, bend - 4, order)
                         stats.linktypes.add(linktype)
                         interfaces.append(
-                            (handler_for(linktype, units), units, offset, snaplen))
+                            (handler_for(linktype, units), units, offset, snaplen, False))
+                        # A second interface can switch duplicate removal on for all.
+                        interfaces = [(h, u, o, s, _inlinable(h)) for h, u, o, s, _ in interfaces]
                     elif btype == _PCAPNG_SHB:
                         interfaces = []
                     pos = bend
@@ -488,6 +529,19 @@ def _record_parser_or_error(linktype: int, name: str):
         raise CaptureError(f"{name}: {e}") from None
 
 
+def _inlinable(handle: Handler) -> bool:
+    """Whether the walkers may parse this handler's frames inline (`record_ethernet`).
+
+    True for `record_ethernet` itself, and for a duplicate-dropping wrapper of
+    it that is paused (a pcapng with one interface so far), which then does
+    nothing but call it.
+    """
+    if handle is record_ethernet:
+        return True
+    several = getattr(handle, "several", None)
+    return getattr(handle, "parse", None) is record_ethernet and several is not None and not several[0]
+
+
 def _deduplicating(parse: Handler, key_of, recent: _RecentHeaders, stats: CaptureStats,
                    interface: object = None, several: list[bool] | None = None) -> Handler:
     """Drop copies; `interface` overrides the key's, `several[0]` False pauses the check."""
@@ -501,6 +555,8 @@ def _deduplicating(parse: Handler, key_of, recent: _RecentHeaders, stats: Captur
                 return None
         return segment
 
+    handle.parse = parse  # type: ignore[attr-defined]  # for _inlinable
+    handle.several = several  # type: ignore[attr-defined]
     return handle
 
 

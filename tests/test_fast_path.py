@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import struct
 import sys
 from pathlib import Path
 
@@ -29,8 +30,11 @@ from tests.pcap_builders import (
     SERVER6,
     Record,
     conversation,
+    epb,
     frame_for,
+    idb,
     pcap,
+    shb,
     times,
 )
 
@@ -111,3 +115,72 @@ def test_records_stand_for_the_segments(tmp_path):
     assert [record_segment(r) for r in reader.records()] == list(reader)
     flow = next(iter(reader.records()))[2]
     assert flow_endpoints(flow) == (CLIENT6, 45734, SERVER6, 5432)
+
+
+def _pcap_frames(path: Path) -> list[tuple[int, bytes, int]]:
+    """(timestamp ns, captured bytes, wire length) of every record of a classic µs pcap."""
+    data = path.read_bytes()
+    out, pos = [], 24
+    while pos + 16 <= len(data):
+        sec, usec, caplen, wirelen = struct.unpack_from("<IIII", data, pos)
+        out.append(((sec * 10**6 + usec) * 1000, data[pos + 16:pos + 16 + caplen], wirelen))
+        pos += 16 + caplen
+    return out
+
+
+def _without_t(records) -> list[tuple]:
+    return [(r[0],) + tuple(r[2:]) for r in records]
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("gen") / "generated.pcap"
+    _make_capture_module().generate(str(path), 30_000, seed=3, snaplen=128)
+    return path
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_pcapng_fast_path_gives_the_pcap_records(tmp_path, generated, big):
+    # Several MB: blocks straddle the reader's 1 MB chunks.
+    frames = _pcap_frames(generated)
+    path = tmp_path / "generated.pcapng"
+    path.write_bytes(shb(big=big) + idb(LINKTYPE_ETHERNET, big=big)
+                     + b"".join(epb(0, t, data, wirelen=wire, big=big) for t, data, wire in frames))
+    assert path.stat().st_size > 3 << 20
+    from_pcap = list(CaptureReader(generated).records())
+    from_pcapng = list(CaptureReader(path).records())
+    assert _without_t(from_pcapng) == _without_t(from_pcap)
+    assert [r[1] for r in from_pcapng] == pytest.approx([r[1] for r in from_pcap], abs=1e-6)
+    slow, fast = both_paths(path)
+    assert fast == slow
+
+
+@pytest.mark.parametrize("cut", [1, 12, 27, 28, 40])
+def test_pcapng_cut_inside_the_last_block(tmp_path, generated, cut):
+    frames = _pcap_frames(generated)[:200]
+    blocks = [epb(0, t, data, wirelen=wire) for t, data, wire in frames]
+    path = tmp_path / "cut.pcapng"
+    path.write_bytes(shb() + idb(LINKTYPE_ETHERNET) + b"".join(blocks[:-1]) + blocks[-1][:cut])
+    warned: list[str] = []
+    reader = CaptureReader(path, warn=warned.append)
+    records = list(reader.records())
+    assert len(records) == len(frames) - 1
+    assert reader.stats.packets == len(frames) - 1 and not reader.stats.complete
+    assert len(warned) == 1 and "mid-record" in warned[0]
+
+
+def test_pcapng_second_interface_switches_duplicate_removal_on(tmp_path):
+    # One interface: the inline path; a second declared later: every packet
+    # seen on both is counted once, also those of the first interface.
+    packets = conversation()
+    stamps = times(len(packets), step_ns=1_000_000)
+    first = [epb(0, t, frame_for(LINKTYPE_ETHERNET, p)) for t, p in zip(stamps[:3], packets[:3])]
+    both = [epb(i, t + 1000 * i, frame_for(LINKTYPE_ETHERNET, p))
+            for t, p in zip(stamps[3:], packets[3:]) for i in (0, 1)]
+    path = tmp_path / "two.pcapng"
+    path.write_bytes(shb() + idb(LINKTYPE_ETHERNET) + b"".join(first) + idb(LINKTYPE_ETHERNET)
+                     + b"".join(both))
+    reader = CaptureReader(path)
+    records = list(reader.records())
+    assert [r[0] for r in records] == [1, 2, 3] + list(range(4, 4 + 2 * len(packets[3:]), 2))
+    assert reader.stats.duplicates == len(packets[3:])
