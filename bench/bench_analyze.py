@@ -43,7 +43,8 @@ TARGET_PEAK_MB = 150.0
 
 @dataclass
 class Timing:
-    seconds: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)  # wall clock
+    cpu: list[float] = field(default_factory=list)  # user + system, less sensitive to a busy machine
     peak_mb: list[float] = field(default_factory=list)
 
     @property
@@ -53,6 +54,10 @@ class Timing:
     @property
     def median(self) -> float:
         return statistics.median(self.seconds)
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu)
 
     @property
     def peak(self) -> float:
@@ -79,8 +84,8 @@ def capture(directory: str, packets: int, seed: int, snaplen: int, reuse: bool) 
     return path, truth
 
 
-def run_timed(argv: list[str], stdout_path: str) -> tuple[float, float, int]:
-    """Run a command with stdout to a file: (wall seconds, peak RSS in MB, exit code)."""
+def run_timed(argv: list[str], stdout_path: str) -> tuple[float, float, float, int]:
+    """Run a command with stdout to a file: (wall seconds, CPU seconds, peak RSS in MB, exit code)."""
     with open(stdout_path, "wb") as out:
         started = time.perf_counter()
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE)
@@ -94,7 +99,8 @@ def run_timed(argv: list[str], stdout_path: str) -> tuple[float, float, int]:
     code = process.returncode
     if code not in (0, 1):
         sys.stderr.write(err.decode(errors="replace"))
-    return elapsed, usage.ru_maxrss / 1024.0, code  # ru_maxrss is in KiB on Linux
+    cpu = usage.ru_utime + usage.ru_stime
+    return elapsed, cpu, usage.ru_maxrss / 1024.0, code  # ru_maxrss is in KiB on Linux
 
 
 def kaobs_argv(path: str, console_script: bool) -> list[str]:
@@ -176,19 +182,21 @@ def measure(path: str, repeat: int, with_tshark: bool, console_script: bool,
     tshark_out = os.path.join(workdir, "tshark.txt") if with_tshark else None
     kaobs, tshark = Timing(), (Timing() if with_tshark else None)
     for i in range(repeat):
-        seconds, peak, code = run_timed(kaobs_argv(path, console_script), kaobs_out)
+        seconds, cpu, peak, code = run_timed(kaobs_argv(path, console_script), kaobs_out)
         if code not in (0, 1):
             raise SystemExit(f"bench: kaobs analyze failed with exit code {code}")
         kaobs.seconds.append(seconds)
+        kaobs.cpu.append(cpu)
         kaobs.peak_mb.append(peak)
-        line = f"  run {i + 1}/{repeat}: kaobs {seconds:.2f} s {peak:.0f} MB"
+        line = f"  run {i + 1}/{repeat}: kaobs {seconds:.2f} s (cpu {cpu:.2f} s) {peak:.0f} MB"
         if tshark is not None and tshark_out is not None:
-            seconds, peak, code = run_timed(tshark_argv(path), tshark_out)
+            seconds, cpu, peak, code = run_timed(tshark_argv(path), tshark_out)
             if code != 0:
                 raise SystemExit(f"bench: tshark failed with exit code {code}")
             tshark.seconds.append(seconds)
+            tshark.cpu.append(cpu)
             tshark.peak_mb.append(peak)
-            line += f", tshark {seconds:.2f} s {peak:.0f} MB"
+            line += f", tshark {seconds:.2f} s (cpu {cpu:.2f} s) {peak:.0f} MB"
         print(line + f"  (load average {os.getloadavg()[0]:.1f})", file=sys.stderr)
     return kaobs, tshark, kaobs_out, tshark_out
 
@@ -206,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="regenerate captures even if present")
     parser.add_argument("--console-script", action="store_true",
                         help="run the `kaobs` console script instead of `python3 -m kaobs`")
+    parser.add_argument("--pcapng", action="store_true",
+                        help="also time both tools on the capture converted to pcapng (editcap)")
     parser.add_argument("--json-out", help="also write the figures as JSON to this file")
     args = parser.parse_args(argv)
     if args.packets < 1 or args.repeat < 1:
@@ -228,6 +238,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = [_row(path, truth, kaobs, tshark, counts, agree)]
     results["timed"] = rows[0]
 
+    if args.pcapng:
+        ng_path = os.path.splitext(path)[0] + ".pcapng"
+        if not os.path.exists(ng_path) or os.path.getmtime(ng_path) < os.path.getmtime(path):
+            subprocess.run(["editcap", "-F", "pcapng", path, ng_path], check=True)
+        ng_kaobs, ng_tshark, ng_out, ng_tshark_out = measure(
+            ng_path, args.repeat, have_tshark, args.console_script, workdir)
+        ng_agree, ng_lines, ng_counts = compare(truth, ng_out, ng_tshark_out)
+        for line in ng_lines:
+            print(f"[pcapng] {line}")
+        rows.append(_row(ng_path, truth, ng_kaobs, ng_tshark, ng_counts, ng_agree))
+        results["pcapng"] = rows[-1]
+        agree = agree and ng_agree
+
     big_ok = True
     if args.big_packets:
         big_path, big_truth = capture(args.dir, args.big_packets, args.seed, args.snaplen, not args.fresh)
@@ -236,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in big_lines:
             print(f"[{args.big_packets} packets] {line}")
         rows.append(_row(big_path, big_truth, big_kaobs, None, big_counts, big_agree))
-        results["memory"] = rows[1]
+        results["memory"] = rows[-1]
         big_ok = big_agree and big_kaobs.peak < TARGET_PEAK_MB
 
     print()
@@ -256,36 +279,40 @@ def main(argv: list[str] | None = None) -> int:
 
 def _row(path: str, truth: dict, kaobs: Timing, tshark: Timing | None, counts: dict, agree: bool) -> dict:
     row = {
+        "file": os.path.basename(path),
         "packets": truth["packets"],
         "file_mb": os.path.getsize(path) / 1e6,
         "runs": len(kaobs.seconds),
-        "kaobs_best_s": kaobs.best, "kaobs_median_s": kaobs.median, "kaobs_peak_mb": kaobs.peak,
+        "kaobs_best_s": kaobs.best, "kaobs_median_s": kaobs.median, "kaobs_cpu_median_s": kaobs.cpu_median,
+        "kaobs_peak_mb": kaobs.peak, "kaobs_wall_s": kaobs.seconds, "kaobs_cpu_s": kaobs.cpu,
         "probes": counts,
         "agree": agree,
     }
     if tshark is not None:
         row.update({"tshark_best_s": tshark.best, "tshark_median_s": tshark.median,
-                    "tshark_peak_mb": tshark.peak,
-                    "speedup_median": tshark.median / kaobs.median, "speedup_best": tshark.best / kaobs.best})
+                    "tshark_cpu_median_s": tshark.cpu_median, "tshark_peak_mb": tshark.peak,
+                    "tshark_wall_s": tshark.seconds, "tshark_cpu_s": tshark.cpu,
+                    "speedup_median": tshark.median / kaobs.median, "speedup_best": tshark.best / kaobs.best,
+                    "speedup_cpu": tshark.cpu_median / kaobs.cpu_median})
     return row
 
 
 def markdown(rows: list[dict]) -> str:
     out = ["| packets | file | tshark s (best / median) | tshark peak | kaobs s (best / median) | kaobs peak "
-           "| speed-up (median) | keepalive probes: truth / tshark* / kaobs | zero-window probes: truth / kaobs "
-           "| agreement |",
+           "| speed-up (median wall / CPU) | keepalive probes: truth / tshark* / kaobs "
+           "| zero-window probes: truth / kaobs | agreement |",
            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         p = r["probes"]
         if "tshark_best_s" in r:
             tshark = f"{r['tshark_best_s']:.2f} / {r['tshark_median_s']:.2f}"
             tshark_mb = f"{r['tshark_peak_mb']:.0f} MB"
-            ratio = f"{r['speedup_median']:.1f}x"
+            ratio = f"{r['speedup_median']:.1f}x / {r['speedup_cpu']:.1f}x"
             tshark_probes = str(p["tshark_keep_alive"] - p["truth_window"])
         else:
             tshark = tshark_mb = ratio = tshark_probes = "-"
         out.append(
-            f"| {r['packets']:,} | {r['file_mb']:.0f} MB | {tshark} | {tshark_mb} "
+            f"| {r['packets']:,} | {r['file_mb']:.0f} MB {r['file'].rsplit('.', 1)[-1]} | {tshark} | {tshark_mb} "
             f"| {r['kaobs_best_s']:.2f} / {r['kaobs_median_s']:.2f} | {r['kaobs_peak_mb']:.0f} MB | {ratio} "
             f"| {p['truth_keepalive']} / {tshark_probes} / {p['kaobs_keepalive']} "
             f"| {p['truth_window']} / {p['kaobs_window']} | {'same probes' if r['agree'] else 'DIFFER'} |")
