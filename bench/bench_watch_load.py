@@ -291,45 +291,41 @@ def has_packet_socket(pid: int) -> bool:
 class TableWatch:
     """A second `kaobs watch` whose stdout is a terminal (a pty of 50x160): the rich live table, redrawn as it runs.
 
-    Its output is read all along (a full pty would block it); the final
-    report's "the kernel dropped N of M packets" warning gives its drops.
+    The pty is drained by a `cat` at the same priority as kaobs into a file
+    (a terminal that is not read blocks its writer, and this script may be
+    starved on a busy machine); the final report's "the kernel dropped N of
+    M packets" warning gives its drops.
     """
 
-    def __init__(self, bridge: str, args: argparse.Namespace) -> None:
+    def __init__(self, bridge: str, args: argparse.Namespace, workdir: str) -> None:
         import fcntl
         import pty
         import termios
 
-        self.master, slave = pty.openpty()
+        master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
+        self.output = os.path.join(workdir, "table.out")
+        with open(self.output, "wb") as out:
+            self.drain = subprocess.Popen(["cat"], stdin=master, stdout=out, start_new_session=True,
+                                          preexec_fn=niceness(args.nice))
         self.proc = subprocess.Popen(
             ["kaobs", "watch", "--interface", bridge, "--duration", str(args.seconds + 240)],
             stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=dict(os.environ, TERM="xterm", **args.watch_env),
             start_new_session=True, preexec_fn=niceness(args.nice))
         os.close(slave)
-        self.tail = bytearray()
-        self.bytes = 0
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                chunk = os.read(self.master, 65536)
-            except OSError:  # EIO once the child closed the pty
-                return
-            if not chunk:
-                return
-            self.bytes += len(chunk)
-            self.tail += chunk
-            del self.tail[:-20000]
+        os.close(master)
 
     def finish(self) -> int | None:
         """SIGINT, wait, and the kernel drops its report names (0 when it names none)."""
         stop_process(self.proc, signal.SIGINT, timeout=60)
-        self._reader.join(5)
-        os.close(self.master)
-        text = re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]", b"", bytes(self.tail)).decode(errors="replace")
+        try:
+            self.drain.wait(timeout=10)  # ends once the pty's last writer closed it
+        except subprocess.TimeoutExpired:
+            stop_process(self.drain)
+        with open(self.output, "rb") as f:
+            f.seek(max(0, os.path.getsize(self.output) - 20000))
+            tail = f.read()
+        text = re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]", b"", tail).decode(errors="replace")
         match = re.search(r"kernel dropped (\d+) of", text)
         if match:
             return int(match.group(1))
@@ -464,9 +460,9 @@ def run(args: argparse.Namespace) -> Figures:
         kaobs = subprocess.Popen(watch_cmd, stdout=kaobs_out, stderr=kaobs_err, env=dict(os.environ, **args.watch_env),
                                  start_new_session=True, preexec_fn=niceness(args.nice))
         procs.append(kaobs)
-        table = TableWatch(bridge, args) if args.table else None
+        table = TableWatch(bridge, args, workdir) if args.table else None
         if table is not None:
-            procs.append(table.proc)
+            procs += [table.proc, table.drain]
         deadline = time.monotonic() + 30
         while not has_packet_socket(kaobs.pid):
             if kaobs.poll() is not None or time.monotonic() > deadline:
