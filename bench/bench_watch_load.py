@@ -14,7 +14,8 @@ What it sets up, all on an internal Docker network of its own, labelled
 * one more session in a second container that vanishes a third of the way
   into the load (iptables DROP in its namespace): unanswered server probes
   and a keepalive abort while the bridge is busy;
-* pgbench in a third container, select-only (``-S``), for the load.
+* pgbench in a third container, select-only (``-S -M prepared``: the most
+  packets per CPU second), for the load.
 
 While the load runs, ``tcpdump -i <bridge> -s 96 -w`` (the reference, with a
 big buffer) and ``kaobs watch --interface <bridge> --format json`` capture the
@@ -32,9 +33,20 @@ same bridge. The benchmark reads:
   flags) must be in kaobs watch's report: same connection and side, time
   within 5 ms (frame numbers differ between the two captures).
 
-It prints a table (also as markdown with --markdown) and exits 0 when the
-target is met (no drops, every probe, under 10 % of a core), 1 when not,
-2 when the benchmark could not run.
+It prints a markdown table and exits 0 when the target is met (no drops,
+every probe, under 10 % of a core), 1 when not, 2 when the benchmark could
+not run. Options worth knowing:
+
+* ``--nice -10``: kaobs and tcpdump at a higher priority (process nice and,
+  since each runs in a session of its own, autogroup nice). On a 2-CPU
+  machine pgbench and Postgres take both CPUs, and at nice 0 tcpdump and
+  kaobs are both left waiting for a CPU for seconds and drop packets;
+  "runnable but waiting" in the table shows it.
+* ``--watch-env KAOBS_CAPTURE=socket``: the plain socket path instead of the
+  TPACKET_V3 ring, for before/after figures.
+* ``--table``: a second kaobs watch with the live table on a terminal (a pty),
+  whose CPU and drops are reported too.
+* ``--tshark``: also match tshark's tcp.analysis.keep_alive frames (slow).
 """
 from __future__ import annotations
 
