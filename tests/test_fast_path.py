@@ -67,9 +67,11 @@ def test_recorded_captures_give_the_same_model(path):
 
 
 def _make_capture_module():
+    if "make_capture" in sys.modules:
+        return sys.modules["make_capture"]
     spec = importlib.util.spec_from_file_location("make_capture", ROOT / "bench" / "make_capture.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_capture", module)  # dataclasses look their module up
+    sys.modules["make_capture"] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
