@@ -145,6 +145,11 @@ def run_live(
     run.capture_end = end
     run.kernel_drops = stats.drops
     run.capture_path = getattr(capture, "path", None)
+    ring_notes = [note for note in getattr(capture, "path_notes", []) if note != "KAOBS_CAPTURE=socket"]
+    if ring_notes:
+        run.warnings.append(
+            f"no packet ring ({'; '.join(ring_notes)}): packets were read one system call each, "
+            "which costs ~10x the CPU on a busy interface")
     if stats.drops:
         run.warnings.append(
             f"the kernel dropped {stats.drops} of {stats.kernel_packets} packets (receive buffer full): "

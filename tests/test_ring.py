@@ -209,3 +209,27 @@ def test_a_subclass_that_overrides_read_gets_segments_not_records():
 def test_ring_on_a_missing_interface_is_unavailable():
     with pytest.raises(RingUnavailable):
         PacketRing("kaobs-none0", "tcp port 5432")
+
+
+@pytest.mark.privileged
+def test_watch_report_warns_when_no_ring_could_be_had(monkeypatch):
+    import threading as _threading
+
+    from kaobs.watch import run_live
+
+    def refuse(*args, **kwargs):
+        raise RingUnavailable("no TPACKET_V3 ring on lo: Operation not supported")
+
+    monkeypatch.setattr(ring_module, "PacketRing", refuse)
+    port = _free_port()
+    with LiveCapture(["lo"], [port]) as capture:
+        run, _ = run_live(capture, expectations=None, ports=[port], hz=250, output_format="json",
+                          duration=0.3, stop=_threading.Event())
+    assert run.capture_path == "socket" and run.kernel_drops == 0
+    assert any("no packet ring (no TPACKET_V3 ring on lo: Operation not supported)" in w for w in run.warnings)
+    monkeypatch.setenv("KAOBS_CAPTURE", "socket")
+    with LiveCapture(["lo"], [port]) as capture:  # asked for: no warning
+        assert capture.path_notes == ["KAOBS_CAPTURE=socket"]
+        run, _ = run_live(capture, expectations=None, ports=[port], hz=250, output_format="json",
+                          duration=0.3, stop=_threading.Event())
+    assert not any("packet ring" in w for w in run.warnings)
