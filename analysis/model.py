@@ -428,9 +428,14 @@ class KeepaliveModel:
             unanswered = sender.series_unanswered
             last_probe = sender.probes[-1] if sender.probes else None
             # An answer seen on the wire may never have reached the prober; a
-            # RST right after it says so (judged in analysis.verdict).
-            after_keepalive = last_probe is not None and last_probe.kind == "keepalive" and (
-                sender.series_probes > 0 or sender.last_accepted == last_probe.answer_t
+            # RST right after it says so (judged in analysis.verdict). A side
+            # that sent anything after its probe was not idle: its RST is not
+            # the keepalive timer's (a client's Terminate then RST, say).
+            after_keepalive = (
+                last_probe is not None
+                and last_probe.kind == "keepalive"
+                and (sender.series_probes > 0 or sender.last_accepted == last_probe.answer_t)
+                and (sender.next_seq is None or seq_diff(sender.next_seq, last_probe.seq) <= 1)
             )
             if conn.end_reason == "keepalive_abort" and not after_keepalive:
                 # The connection already ended by keepalive; this RST answers a

@@ -317,3 +317,17 @@ def test_events_are_emitted_for_live_reports():
 def test_timer_wheel_granularity_matches_the_kernel_table(timeout, granularity):
     assert wheel_granularity(timeout) == pytest.approx(granularity)
     assert timer_tolerance(timeout).late <= timeout / 8 + 0.02
+
+
+def test_reset_after_the_prober_sent_data_is_not_a_keepalive_abort():
+    """A client probes, is answered, sends a Terminate and resets: not its keepalive timer.
+
+    Found by the 1M-packet benchmark, where the model called this a keepalive
+    abort with a lost answer because nothing had been accepted since the answer.
+    """
+    conv = Conversation().handshake().exchange(0.01)
+    conv.probe("client", 10.0).answer("server", 10.001).data("client", 12.0, 5).rst("client", 12.001)
+    _, [report] = run(conv)
+    assert report.connection.end_reason == "reset"
+    assert report.client.abort is None
+    assert [p.answer_lost for p in report.connection.client.keepalive_probes()] == [False]
