@@ -187,6 +187,7 @@ class Figures:
     cpu_us_per_read: float = 0.0
     load_average: str = ""
     nice: int = 0
+    longest_stall_s: float | None = None
     table_cpu_percent: float | None = None
     table_drops: int | None = None
     pgbench_args: str = "-S"
@@ -232,6 +233,9 @@ def table(fig: Figures) -> str:
                      f"{fig.tshark_probes} / {fig.tshark_missing}"))
     if fig.runqueue_wait_percent is not None:
         rows.append(("kaobs runnable but waiting for a CPU during the load", f"{fig.runqueue_wait_percent:.1f} % of the time"))
+    if fig.longest_stall_s is not None:
+        rows.append(("kaobs's longest stretch without any CPU during the load (sampled every 0.1 s)",
+                     f"{fig.longest_stall_s:.1f} s"))
     if fig.table_cpu_percent is not None:
         rows.append(("second kaobs watch with the live table on a terminal: CPU during the load / kernel drops",
                      f"{fig.table_cpu_percent:.1f} % / {'?' if fig.table_drops is None else fig.table_drops}"))
@@ -342,6 +346,38 @@ class TableWatch:
         if match:
             return int(match.group(1))
         return 0 if re.search(r"connection\(s\):|No Postgres connection", text) else None
+
+
+class StallWatch:
+    """Samples a process's run time every 0.1 s during the load: the longest stretch it got no CPU at all.
+
+    A capture survives a stall only while its buffer lasts (kaobs's ring: ~5 s of 60k packets/s).
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.longest = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        last = read_schedstat(self.pid)
+        since = time.monotonic()
+        while not self._stop.wait(0.1):
+            now_stat = read_schedstat(self.pid)
+            now = time.monotonic()
+            if now_stat is None or last is None:
+                return
+            if now_stat[0] != last[0]:
+                since = now
+            self.longest = max(self.longest, now - since)
+            last = now_stat
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join(1)
+        return self.longest
 
 
 class LineReader:
@@ -502,6 +538,7 @@ def run(args: argparse.Namespace) -> Figures:
         cpu0, veth0, t0 = read_cpu(kaobs.pid), veth_packets(env.server.pid), time.monotonic()
         table_cpu0 = read_cpu(table.proc.pid) if table is not None else None
         sched0 = read_schedstat(kaobs.pid)
+        stalls = StallWatch(kaobs.pid)
         pgbench = subprocess.Popen(
             pgbench_base + ["-c", str(args.clients), "-j", str(args.threads), "-T", str(int(args.seconds)), "-S",
                             "-n", "-M", args.protocol, "postgres"], env=pg_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -522,6 +559,7 @@ def run(args: argparse.Namespace) -> Figures:
         if table_cpu0 is not None and table_cpu1 is not None:
             fig.table_cpu_percent = 100 * (table_cpu1 - table_cpu0) / (t1 - t0)
         sched1 = read_schedstat(kaobs.pid)
+        fig.longest_stall_s = stalls.stop()
         if sched0 and sched1:
             fig.runqueue_wait_percent = 100 * (sched1[1] - sched0[1]) / 1e9 / (t1 - t0)
         match = re.search(r"tps = ([\d.]+)", out or "")

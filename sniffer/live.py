@@ -280,7 +280,7 @@ class LiveCapture:
             self.path_notes.append("KAOBS_CAPTURE=socket")
             return None
         try:
-            # 64 MB for one interface; several share that much (at least 16 MB each) rather than multiply it.
+            # 128 MB for one interface; several share that much (at least 32 MB each) rather than multiply it.
             blocks = max(BLOCK_COUNT // 4, BLOCK_COUNT // len(self.interfaces))
             ring = PacketRing(interface, self.filter, snaplen=0 if self.full_packets else SNAPLEN, block_count=blocks)
         except RingUnavailable as error:

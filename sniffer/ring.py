@@ -57,8 +57,14 @@ Small blocks matter: a block is handed over when full *or* after
 `BLOCK_TIMEOUT_MS`, so with big blocks on a moderately busy bridge most of
 each block stays empty and the ring holds far fewer packets than its size.
 """
-BLOCK_COUNT = 256
-"""64 MB in all: ~5 s of a 60k packets/s bridge while kaobs is not scheduled (a busy machine) or busy."""
+BLOCK_COUNT = 512
+"""128 MB in all: ~10 s of a 60k packets/s bridge (~224 bytes a frame in the ring) while kaobs gets no CPU.
+
+On a machine whose CPUs are taken by the database and its clients, a
+process can get no CPU for seconds at a time (2.5 s measured here at nice
+-10, more at nice 0); 64 MB lost packets in such runs where tcpdump's 64 MB
+of ~180-byte frames did not.
+"""
 BLOCK_TIMEOUT_MS = 50
 """A block that is not full is handed over after this long: events are at most this late."""
 FRAME_SIZE = 2048
