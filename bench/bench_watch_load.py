@@ -188,6 +188,7 @@ class Figures:
     load_average: str = ""
     nice: int = 0
     longest_stall_s: float | None = None
+    cpu_user_system: tuple[float, float] | None = None
     table_cpu_percent: float | None = None
     table_drops: int | None = None
     pgbench_args: str = "-S"
@@ -220,6 +221,8 @@ def table(fig: Figures) -> str:
          f"{'?' if fig.tcpdump_drops is None else fig.tcpdump_drops} / {'?' if fig.kaobs_drops is None else fig.kaobs_drops}"),
         ("kaobs capture path", fig.kaobs_path + (f" (kaobs and tcpdump at nice {fig.nice})" if fig.nice else "")),
         ("kaobs CPU during the load", f"{fig.cpu_load_percent:.1f} % of one core"),
+        ("kaobs CPU during the load: user / system seconds",
+         "-" if fig.cpu_user_system is None else f"{fig.cpu_user_system[0]:.2f} / {fig.cpu_user_system[1]:.2f}"),
         ("kaobs CPU per packet on the bridge / per packet it read", f"{fig.cpu_us_per_packet:.2f} us / {fig.cpu_us_per_read:.2f} us"),
         ("kaobs CPU over its life (start-up included)",
          f"{fig.cpu_total_s:.2f} s in {fig.kaobs_life_s:.0f} s ({100 * fig.cpu_total_s / max(fig.kaobs_life_s, 1e-9):.1f} %)"),
@@ -266,6 +269,17 @@ def veth_packets(pid: int) -> int:
                 numbers = rest.split()
                 return int(numbers[1]) + int(numbers[9])
     raise BenchError("the server container has no eth0")
+
+
+def read_cpu_split(pid: int) -> tuple[float, float] | None:
+    """(utime, stime) in seconds."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            line = f.read()
+    except OSError:
+        return None
+    fields = line[line.rindex(")") + 2:].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def read_cpu(pid: int) -> float | None:
@@ -539,6 +553,7 @@ def run(args: argparse.Namespace) -> Figures:
         table_cpu0 = read_cpu(table.proc.pid) if table is not None else None
         sched0 = read_schedstat(kaobs.pid)
         stalls = StallWatch(kaobs.pid)
+        split0 = read_cpu_split(kaobs.pid)
         pgbench = subprocess.Popen(
             pgbench_base + ["-c", str(args.clients), "-j", str(args.threads), "-T", str(int(args.seconds)), "-S",
                             "-n", "-M", args.protocol, "postgres"], env=pg_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -560,6 +575,9 @@ def run(args: argparse.Namespace) -> Figures:
             fig.table_cpu_percent = 100 * (table_cpu1 - table_cpu0) / (t1 - t0)
         sched1 = read_schedstat(kaobs.pid)
         fig.longest_stall_s = stalls.stop()
+        split1 = read_cpu_split(kaobs.pid)
+        if split0 and split1:
+            fig.cpu_user_system = (split1[0] - split0[0], split1[1] - split0[1])
         if sched0 and sched1:
             fig.runqueue_wait_percent = 100 * (sched1[1] - sched0[1]) / 1e9 / (t1 - t0)
         match = re.search(r"tps = ([\d.]+)", out or "")
