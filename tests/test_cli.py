@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 
-SEED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed_idle3_int2_cnt3_dead_client.pcap"
-if not SEED.exists():  # the repo may be cloned elsewhere; shared/ sits beside it in CI
-    SEED = Path("/work/shared/reference/seed_idle3_int2_cnt3_dead_client.pcap")
+SEED = Path(__file__).resolve().parents[1] / "captures" / "seed_idle3_int2_cnt3_dead_client.pcap"
 SEED_EXPECT = ["--expect", "tcp_keepalives_idle=3", "--expect", "tcp_keepalives_interval=2", "--expect", "tcp_keepalives_count=3"]
 
 

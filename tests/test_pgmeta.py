@@ -147,9 +147,7 @@ def test_client_dsn_options_win_over_the_server_wide_value():
 def test_cli_unix_socket_dsn_is_refused_before_connecting():
     from pathlib import Path
 
-    seed = Path("/work/shared/reference/seed_idle3_int2_cnt3_dead_client.pcap")
-    if not seed.exists():
-        pytest.skip("seed capture not present")
+    seed = Path(__file__).resolve().parents[1] / "captures" / "seed_idle3_int2_cnt3_dead_client.pcap"
     done = subprocess.run([sys.executable, "-m", "kaobs", "analyze", str(seed), "--dsn", "user=monitor password=pw9x"],
                           capture_output=True, text=True, timeout=60, env={k: v for k, v in __import__("os").environ.items()
                                                                             if not k.startswith("PG")})
@@ -384,9 +382,7 @@ def test_connect_errors_are_one_line(message, needle):
 def test_cli_client_dsn_with_password_and_options_never_echoes_it():
     from pathlib import Path
 
-    seed = Path("/work/shared/reference/seed_idle3_int2_cnt3_dead_client.pcap")
-    if not seed.exists():
-        pytest.skip("seed capture not present")
+    seed = Path(__file__).resolve().parents[1] / "captures" / "seed_idle3_int2_cnt3_dead_client.pcap"
     dsn = "postgresql://app:s3cr3tpw@db/shop?options=-c%20tcp_keepalives_idle%3D3&keepalives_idle=30"
     done = subprocess.run([sys.executable, "-m", "kaobs", "analyze", str(seed), "--client-dsn", dsn, "--format", "json"],
                           capture_output=True, text=True, timeout=60)
