@@ -369,6 +369,10 @@ def run_lab(scenario: Scenario, image: str, *, user, hz: int, output_format: str
         if not console.is_terminal:
             console.print()
         render_text(console, run, reports, expectations)
+        user_expect, user_client_dsn, _ = user
+        if gone and not (user_client_dsn if gone == "client" else user_expect):
+            console.print(f"the {gone}'s own keepalive settings are not judged: it vanished, so what its kernel "
+                          "did after that never reached the wire", markup=False, highlight=False)
         if write_path:
             console.print(f"capture written to {write_path} ({'whole packets' if full_packets else 'headers only'})")
         err.print(f"lab: removed the containers and network of run {lab.env.run_id}", style="dim", highlight=False)
