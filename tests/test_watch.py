@@ -483,3 +483,33 @@ def test_ctrl_c_on_an_idle_interface_ends_with_a_report_and_a_valid_empty_pcap(t
     assert pcap_records(pcap) == []  # a file header and nothing else: still a valid pcap
     again = subprocess.run(kaobs_cmd("analyze", pcap), capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and "No Postgres connection" in again.stdout
+
+
+@pytest.mark.privileged
+def test_watch_nice_raises_its_own_priority():
+    """--nice -7: the running watcher is at priority -7 (what a saturated machine needs, see README)."""
+    proc = subprocess.Popen([sys.executable, "-m", "kaobs", "watch", "-i", "lo", "--duration", "3", "--nice", "-7",
+                             "--format", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 2.5
+        seen = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            seen = os.getpriority(os.PRIO_PROCESS, proc.pid)
+            if seen == -7:
+                break
+            time.sleep(0.05)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert seen == -7, err
+    assert proc.returncode == 0, err
+    assert json.loads(out)["input"]["sources"] == ["live:lo"]
+
+
+def test_watch_nice_out_of_range_is_one_line():
+    from kaobs.cli import run
+
+    with pytest.raises(SystemExit) as exit_:
+        run(["watch", "-i", "lo", "--nice", "-40"])
+    assert exit_.value.code == 2
