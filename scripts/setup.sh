@@ -15,6 +15,14 @@ if ((${#need_apt[@]})); then
     apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
+# Debian's own python3 may lack pip, and marks itself externally managed (PEP 668):
+# install pip if needed and let it install beside Debian's packages, as root on a
+# machine dedicated to this (a pyenv or venv python ignores the variable).
+if ! python3 -m pip --version >/dev/null 2>&1; then
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+fi
+export PIP_BREAK_SYSTEM_PACKAGES=1
 python3 -m pip install -q --disable-pip-version-check -e "$here[test]" 2>&1 | grep -v -e "Running pip as the 'root' user" -e "^WARNING: Location" >&2 || true
 python3 -c "import kaobs.cli, scapy, psycopg, rich, docker" >/dev/null
 
