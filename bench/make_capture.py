@@ -31,7 +31,10 @@ sends them); data is cut at the snaplen (default 128) like `tcpdump -s 128`.
 The truth file (JSON) lists the frame number of every keepalive probe, with
 its side and whether it was answered, and of every zero-window probe.
 
-Usage: python3 bench/make_capture.py [--packets 1000000] [--seed 1] [--out FILE]
+With --mix short the capture is instead an app opening a connection per
+request (see `short_mix`): ~100k connections per million packets.
+
+Usage: python3 bench/make_capture.py [--packets 1000000] [--seed 1] [--mix pgbench|short] [--out FILE]
 """
 from __future__ import annotations
 
@@ -397,6 +400,18 @@ def short(f: Flow, t: float) -> Iterator[Packet]:
     yield from teardown(f, t)
 
 
+def brief(f: Flow, t: float) -> Iterator[Packet]:
+    """A connection per request (--mix short): handshake, one or two queries, FIN (no SCRAM): ~10 packets."""
+    rng = f.rng
+    yield from handshake(f, t)
+    t = f.t
+    for _ in range(rng.randint(1, 2)):
+        gap = rng.uniform(0.0001, 0.01)
+        yield from exchange(f, t + 0.0001, rng.randint(30, 300), rng.randint(20, MSS), gap)
+        t = f.t + gap
+    yield from teardown(f, t)
+
+
 def keepalive_conn(f: Flow, t: float, style: str) -> Iterator[Packet]:
     """Connect, query a little, then sit idle while keepalive timers run.
 
@@ -529,13 +544,16 @@ class Network:
         return Flow(rng, client, port, server, 5432, self.snaplen)
 
 
-def connections(net: Network, duration_hint: float) -> Iterator[tuple[float, Iterator[Packet]]]:
+def connections(net: Network, duration_hint: float, mix: str = "pgbench") -> Iterator[tuple[float, Iterator[Packet]]]:
     """(start time, packet generator) of every connection, in start order, forever.
 
     Rates per second of capture: ~8 pooled pgbench clients always busy (3 of
     them open before the capture), 4 short connections, 10 idle
     keepalive connections, 0.5 zero-window stalls.
     """
+    if mix == "short":
+        yield from short_mix(net, duration_hint)
+        return
     rng = net.rng
     t = EPOCH
     for i in range(8):
@@ -562,12 +580,49 @@ def connections(net: Network, duration_hint: float) -> Iterator[tuple[float, Ite
             yield t, pooled(f, t, t + rng.uniform(duration_hint * 0.2, duration_hint * 0.8), False)
 
 
-def generate(path: str, packets: int, seed: int, snaplen: int) -> dict:
-    """Write `packets` frames to `path`; return the truth document."""
+def short_mix(net: Network, duration_hint: float) -> Iterator[tuple[float, Iterator[Packet]]]:
+    """--mix short: an app that opens a connection per request, with keepalive flows mixed in.
+
+    Rates per second: ~1,000 brief connections (about 10 packets each, client
+    ports soon reused), 1 short connection with SCRAM, 2 idle keepalive
+    connections, 0.05 zero-window stalls, and one pooled client. Memory of
+    `kaobs analyze` on such a capture grows with connections, not packets.
+    """
+    rng = net.rng
+    t = EPOCH
+    f = net.flow(random.Random(rng.getrandbits(64)))
+    yield t, pooled(f, t, t + duration_hint * 1.5, True)
+    kinds = ("brief", "short", "keepalive", "zero_window")
+    weights = (1000.0, 1.0, 2.0, 0.05)
+    rate = sum(weights)
+    styles = ("answered", "answered", "both", "dead_client", "dead_client", "dead_server")
+    while True:
+        t += rng.expovariate(rate)
+        kind = rng.choices(kinds, weights)[0]
+        f = net.flow(random.Random(rng.getrandbits(64)))
+        if kind == "brief":
+            yield t, brief(f, t)
+        elif kind == "short":
+            yield t, short(f, t)
+        elif kind == "keepalive":
+            yield t, keepalive_conn(f, t, rng.choice(styles))
+        else:
+            yield t, zero_window(f, t)
+
+
+MIXES = {"pgbench": 22_000, "short": 12_000}  # mix -> about how many packets per second of capture it makes
+
+
+def generate(path: str, packets: int, seed: int, snaplen: int, mix: str = "pgbench") -> dict:
+    """Write `packets` frames to `path`; return the truth document.
+
+    `mix` "pgbench" (the default) is pooled pgbench-like traffic; "short" is
+    a connection per request (hundreds of thousands of connections).
+    """
     rng = random.Random(seed)
     net = Network(rng, snaplen)
-    duration_hint = packets / 22_000  # about what 8 pgbench clients produce per second
-    starts = connections(net, duration_hint)
+    duration_hint = packets / MIXES[mix]  # "pgbench": about what 8 pgbench clients produce per second
+    starts = connections(net, duration_hint, mix)
     next_start, next_gen = next(starts)
     heap: list[tuple[float, int, Packet, Iterator[Packet]]] = []
     order = 0
@@ -634,6 +689,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--snaplen", type=int, default=128, help="bytes kept per frame (>= 74)")
     parser.add_argument("--out", default=None, help="pcap to write (default /tmp/kaobs-bench-<N>.pcap)")
+    parser.add_argument("--mix", choices=sorted(MIXES), default="pgbench",
+                        help="pgbench: pooled clients (default); short: a connection per request, ~100k per 1M packets")
     parser.add_argument("--truth", default=None, help="truth JSON (default: the pcap path + .truth.json)")
     args = parser.parse_args(argv)
     if args.packets < 1 or args.snaplen < 74:
@@ -642,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or f"/tmp/kaobs-bench-{args.packets}.pcap"
     truth_path = args.truth or out + ".truth.json"
     started = time.perf_counter()
-    truth = generate(out, args.packets, args.seed, args.snaplen)
+    truth = generate(out, args.packets, args.seed, args.snaplen, args.mix)
     with open(truth_path, "w") as f:
         json.dump(truth, f)
     print(f"{out}: {truth['packets']} packets, {os.path.getsize(out) / 1e6:.1f} MB, "
