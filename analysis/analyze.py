@@ -1,10 +1,10 @@
 """The pipeline shared by `kaobs analyze` and `kaobs watch`: segments in, reports out."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from analysis.expect import Expectations
-from analysis.model import KeepaliveModel
+from analysis.model import Connection, KeepaliveModel
 from analysis.timers import DEFAULT_HZ
 from analysis.verdict import ConnectionReport, judge_connection
 from sniffer.records import TcpSegment
@@ -21,6 +21,19 @@ def judge_all(
     server = expectations.server if expectations is not None else None
     client = expectations.client if expectations is not None else None
     return [judge_connection(conn, server, client, end, hz) for conn in model.connections]
+
+
+def judge_in_order(
+    connections: Iterable[Connection],
+    expectations: Expectations | None,
+    capture_end: float,
+    hz: int = DEFAULT_HZ,
+) -> Iterator[ConnectionReport]:
+    """`judge_all` one connection at a time (with a retiring model and `analysis.spool`)."""
+    server = expectations.server if expectations is not None else None
+    client = expectations.client if expectations is not None else None
+    for conn in connections:
+        yield judge_connection(conn, server, client, capture_end, hz)
 
 
 def analyze_segments(

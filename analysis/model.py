@@ -22,8 +22,9 @@ packets), and `analysis.verdict` judges it.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 from sniffer.frames import flow_endpoints
 from sniffer.records import ACK, FIN, RST, SYN, TcpSegment
@@ -163,6 +164,18 @@ class ModelEvent:
     reset: Reset | None = None
 
 
+class RetiredStore(Protocol):
+    """Where a retiring model puts connections that have ended (see `KeepaliveModel`).
+
+    `put` may be called again for a connection `get` gave back (it came back
+    to life and ended again): the later one replaces the earlier.
+    """
+
+    def put(self, conn: Connection) -> None: ...
+
+    def get(self, index: int) -> Connection: ...
+
+
 def format_endpoint(address: str, port: int) -> str:
     """ip:port, with IPv6 in brackets as in URLs ([::1]:5433)."""
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
@@ -175,16 +188,34 @@ class KeepaliveModel:
     touch none of those ports are ignored. `on_event`, when given, is called
     with a `ModelEvent` as probes, answers and aborts are seen (live reports);
     the model itself never does I/O.
+
+    With `retired` (a `RetiredStore`), memory stays bounded by the connections
+    alive at a time instead of all of them: a connection that has ended (FIN
+    or RST, or whose 4-tuple a new SYN took) and saw no segment for `linger`
+    seconds of capture time is handed to the store and dropped from
+    `connections`, leaving a tombstone (a hash of its 4-tuple and its index,
+    ~100 bytes, bounded by the distinct 4-tuples). A later segment on that
+    4-tuple takes it back from the store first, so the result is exactly what
+    a model that kept everything would have recorded. `connections` then holds
+    the live connections only, in index order; `opened` counts them all.
     """
 
     def __init__(
         self,
         server_ports: Iterable[int] = (5432,),
         on_event: Callable[[ModelEvent], None] | None = None,
+        retired: RetiredStore | None = None,
+        linger: float = 5.0,
     ) -> None:
         self.server_ports = frozenset(server_ports)
         self.on_event = on_event
         self.connections: list[Connection] = []
+        self.opened = 0
+        self.retired = retired
+        self.linger = linger
+        self._tombstones: dict[int, int] = {}  # hash of the (server, client) 4-tuple -> connection index
+        self._next_sweep = 0.0
+        self._retired_last_t: float | None = None
         self._routes: dict[tuple[str, int, str, int], tuple[Connection, Endpoint, Endpoint]] = {}
         # The same routes by record flow key (see feed_records), filled on first use.
         self._flow_routes: dict[bytes, tuple] = {}
@@ -195,6 +226,9 @@ class KeepaliveModel:
     @property
     def last_t(self) -> float | None:
         """Time of the last segment of a followed connection (kept per connection, not per segment)."""
+        retired_end = self._retired_last_t
+        if retired_end is not None:
+            return max(max((c.end for c in self.connections), default=retired_end), retired_end)
         return max((c.end for c in self.connections), default=self.first_t)
 
     # -- feeding -------------------------------------------------------------
@@ -290,7 +324,12 @@ class KeepaliveModel:
         if route is None:
             if self.first_t is None:
                 self.first_t = t
-            route = self._open(seg)
+            if self.retired is not None:
+                route = self._revive(seg) if self._tombstones else None
+                if route is None and t >= self._next_sweep:
+                    self._sweep(t)
+            if route is None:
+                route = self._open(seg)
             if route is None:
                 self.segments_ignored += 1
                 return
@@ -375,8 +414,9 @@ class KeepaliveModel:
         old = self._routes.get((seg.dst, seg.dport, seg.src, seg.sport))
         if old is not None:  # pragma: no cover - both directions share routes
             return old
+        self.opened += 1
         conn = Connection(
-            index=len(self.connections) + 1,
+            index=self.opened,
             server=server,
             client=client,
             start=seg.t,
@@ -399,6 +439,64 @@ class KeepaliveModel:
             route = self._routes.get(key)
             if route is not None and route[0] is conn:
                 del self._routes[key]
+
+    # -- retiring ended connections (see the class docstring) ---------------
+
+    def _server_key(self, src: str, sport: int, dst: str, dport: int) -> tuple | None:
+        if dport in self.server_ports:
+            return (dst, dport, src, sport)
+        if sport in self.server_ports:
+            return (src, sport, dst, dport)
+        return None
+
+    def _sweep(self, t: float) -> None:
+        """Hand over every connection that ended more than `linger` ago; runs when a new flow appears.
+
+        Only new flows add connections, so sweeping then bounds memory without
+        costing the per-packet path anything.
+        """
+        self._next_sweep = t + self.linger / 2
+        keep: list[Connection] = []
+        routes = self._routes
+        retired_any = False
+        for conn in self.connections:
+            s, c = conn.server, conn.client
+            route = routes.get((s.address, s.port, c.address, c.port))
+            owns = route is not None and route[0] is conn
+            if (t - conn.end <= self.linger or (owns and conn.end_reason == "open")
+                    or s.pending_first is not None or c.pending_first is not None):
+                keep.append(conn)
+                continue
+            retired_any = True
+            if owns:
+                del routes[(s.address, s.port, c.address, c.port)]
+                del routes[(c.address, c.port, s.address, s.port)]
+                self._tombstones[hash((s.address, s.port, c.address, c.port))] = conn.index
+            if self._retired_last_t is None or conn.end > self._retired_last_t:
+                self._retired_last_t = conn.end
+            self.retired.put(conn)
+        if retired_any:
+            self.connections = keep
+            self._flow_routes.clear()  # refilled from _routes on first use
+
+    def _revive(self, seg: TcpSegment) -> tuple[Connection, Endpoint, Endpoint] | None:
+        """A segment on a retired connection's 4-tuple: take the connection back, as if never retired."""
+        key = self._server_key(seg.src, seg.sport, seg.dst, seg.dport)
+        if key is None:
+            return None
+        h = hash(key)
+        index = self._tombstones.get(h)
+        if index is None:
+            return None
+        conn = self.retired.get(index)
+        s, c = conn.server, conn.client
+        if (s.address, s.port, c.address, c.port) != key:  # a hash collision: not this one
+            return None
+        del self._tombstones[h]
+        self._routes[(s.address, s.port, c.address, c.port)] = (conn, s, c)
+        self._routes[(c.address, c.port, s.address, s.port)] = (conn, c, s)
+        bisect.insort(self.connections, conn, key=lambda live: live.index)
+        return self._routes[(seg.src, seg.sport, seg.dst, seg.dport)]
 
     def _emit(self, kind: str, t: float, conn: Connection, side: str, **extra) -> None:
         if self.on_event is not None:

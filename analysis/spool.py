@@ -1,0 +1,76 @@
+"""A temporary file that holds ended connections, so `kaobs analyze` memory stays bounded.
+
+A capture of an app that opens a connection per request holds hundreds of
+thousands of connections; keeping each one (endpoints, probes, quiet spans)
+in memory until the report is written grew `kaobs analyze` past 150 MB. A
+retiring `KeepaliveModel` hands ended connections to a `ConnectionSpool`,
+which pickles each onto disk and keeps only its offset and length (16 bytes);
+the report then reads them back one at a time, in index order.
+"""
+from __future__ import annotations
+
+import pickle
+import tempfile
+from array import array
+from typing import Iterator
+
+from analysis.model import Connection, KeepaliveModel
+
+
+class ConnectionSpool:
+    """Connections by index on a temporary file (a `RetiredStore`); removed when closed."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile(prefix="kaobs-spool-")
+        self._offsets = array("q")
+        self._lengths = array("q")  # 0: no connection of that index here
+        self._end = 0
+        self.count = 0
+
+    def put(self, conn: Connection) -> None:
+        blob = pickle.dumps(conn, pickle.HIGHEST_PROTOCOL)
+        slot = conn.index - 1
+        missing = slot + 1 - len(self._offsets)
+        if missing > 0:
+            self._offsets.extend([0] * missing)
+            self._lengths.extend([0] * missing)
+        if not self._lengths[slot]:
+            self.count += 1
+        self._file.seek(self._end)
+        self._file.write(blob)
+        self._offsets[slot] = self._end
+        self._lengths[slot] = len(blob)
+        self._end += len(blob)
+
+    def get(self, index: int) -> Connection:
+        slot = index - 1
+        self._file.seek(self._offsets[slot])
+        return pickle.loads(self._file.read(self._lengths[slot]))
+
+    def holds(self, index: int) -> bool:
+        slot = index - 1
+        return slot < len(self._lengths) and self._lengths[slot] > 0
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "ConnectionSpool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def connections_in_order(model: KeepaliveModel, spool: ConnectionSpool | None) -> Iterator[Connection]:
+    """Every connection the model followed, by index: the live ones from the model, the others from the spool.
+
+    A live connection wins over a spooled copy (one taken back after it was
+    retired, and still live).
+    """
+    live = {conn.index: conn for conn in model.connections}
+    for index in range(1, model.opened + 1):
+        conn = live.get(index)
+        if conn is None and spool is not None and spool.holds(index):
+            conn = spool.get(index)
+        if conn is not None:
+            yield conn
