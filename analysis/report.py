@@ -7,8 +7,11 @@ README.md; keys are only ever added, never renamed or removed.
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import shutil
+import tempfile
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import IO, TYPE_CHECKING, Any, Iterable
 
 from rich.console import Console
 from rich.padding import Padding
@@ -64,6 +67,48 @@ def to_json(
     summary = {"connections": len(reports)}
     for verdict in ("match", "mismatch", "unverified", "no_keepalive"):
         summary[verdict] = sum(1 for r in reports if r.verdict == verdict)
+    return _document(run, summary, expectations, postgres,
+                     [_with_postgres(_connection_json(r), r, postgres) for r in reports])
+
+
+def write_json_streamed(
+    out: IO[str], run: AnalysisRun, reports: Iterable[ConnectionReport], expectations: Expectations | None,
+) -> dict[str, int]:
+    """Write what `echo_json(to_json(run, list(reports), expectations))` writes, holding one report at a time.
+
+    The summary comes before the connections, so each connection's JSON goes
+    to a temporary file first, indented as it sits in the document. Returns
+    the verdict counts (for the exit code).
+    """
+    encoder = json.JSONEncoder(indent=1)
+    counts = dict.fromkeys(("match", "mismatch", "unverified", "no_keepalive"), 0)
+    total = 0
+    with tempfile.TemporaryFile("w+", encoding="utf-8", prefix="kaobs-json-") as spool:
+        for report in reports:
+            counts[report.verdict] += 1
+            spool.write("\n  " if total == 0 else ",\n  ")
+            total += 1
+            # Nested two levels deep; JSON strings hold no raw newline, so re-indenting is exact.
+            spool.write("".join(encoder.iterencode(_with_postgres(_connection_json(report), report, None)))
+                        .replace("\n", "\n  "))
+        document = _document(run, {"connections": total, **counts}, expectations, None, [])
+        head = "".join(encoder.iterencode(document))
+        assert head.endswith('"connections": []\n}')
+        if total == 0:
+            out.write(head + "\n")
+        else:
+            out.write(head[: -len("]\n}")])
+            spool.seek(0)
+            shutil.copyfileobj(spool, out)
+            out.write("\n ]\n}\n")
+    out.flush()
+    return counts
+
+
+def _document(
+    run: AnalysisRun, summary: dict[str, int], expectations: Expectations | None,
+    postgres: "PostgresView | None", connections: list[dict[str, Any]],
+) -> dict[str, Any]:
     return {
         "kaobs": {"format": JSON_FORMAT_VERSION},
         "input": {
@@ -82,7 +127,7 @@ def to_json(
         "timer_hz": run.hz,
         "summary": summary,
         "postgres": None if postgres is None else postgres.to_json(),
-        "connections": [_with_postgres(_connection_json(r), r, postgres) for r in reports],
+        "connections": connections,
     }
 
 
@@ -166,21 +211,26 @@ def _side_json(side: SideReport) -> dict[str, Any]:
 
 
 def render_text(
-    console: Console, run: AnalysisRun, reports: list[ConnectionReport], expectations: Expectations | None,
+    console: Console, run: AnalysisRun, reports: Iterable[ConnectionReport], expectations: Expectations | None,
     postgres: "PostgresView | None" = None,
-) -> None:
+) -> dict[str, int]:
+    """The text report; `reports` may be a generator (read once). Returns the verdict counts."""
     for warning in run.warnings:
         console.print(Text(f"warning: {warning}", style="yellow"))
     if postgres is not None:
         render_postgres(console, postgres)
-    if not reports:
-        console.print(f"No Postgres connection in {', '.join(run.sources)} ({run.segments} TCP segments, none on the server port).")
-        return
+    counts = dict.fromkeys(VERDICT_STYLE, 0)
+    total = 0
     for report in reports:
         render_connection(console, report, expectations, postgres=postgres)
-    counts = {v: sum(1 for r in reports if r.verdict == v) for v in VERDICT_STYLE}
+        counts[report.verdict] += 1
+        total += 1
+    if not total:
+        console.print(f"No Postgres connection in {', '.join(run.sources)} ({run.segments} TCP segments, none on the server port).")
+        return counts
     parts = [f"{n} {v}" for v, n in counts.items() if n]
-    console.print(f"{len(reports)} connection(s): " + ", ".join(parts) + f"  [{run.packets} packets, {run.segments} TCP segments]")
+    console.print(f"{total} connection(s): " + ", ".join(parts) + f"  [{run.packets} packets, {run.segments} TCP segments]")
+    return counts
 
 
 def render_connection(

@@ -12,10 +12,11 @@ from typing import Sequence
 import click
 from rich.console import Console
 
-from analysis.analyze import judge_all
+from analysis.analyze import judge_all, judge_in_order
 from analysis.expect import Expectations, ExpectationError, build_expectations
 from analysis.model import KeepaliveModel
-from analysis.report import AnalysisRun, exit_code, render_text, to_json
+from analysis.report import AnalysisRun, exit_code, render_text, to_json, write_json_streamed
+from analysis.spool import ConnectionSpool, connections_in_order
 from sniffer.pcapfile import CaptureReader
 from sniffer.records import CaptureError
 
@@ -109,7 +110,11 @@ def analyze(captures: tuple[str, ...], expect, client_dsn, sysctls, ports, hz, o
         run.warnings.append(message)
         err.print(f"kaobs: warning: {message}", style="yellow", markup=False)
 
-    model = KeepaliveModel(ports)
+    # Without --dsn (whose reading needs every report at once), ended connections
+    # go to a spool on disk as the capture is read: memory stays bounded by the
+    # connections alive at a time, whatever the number of connections.
+    spool = ConnectionSpool() if dsn is None else None
+    model = KeepaliveModel(ports, retired=spool)
     for path in captures:
         try:
             reader = CaptureReader(path, warn=warn)
@@ -129,6 +134,15 @@ def analyze(captures: tuple[str, ...], expect, client_dsn, sysctls, ports, hz, o
 
         expectations, postgres = read_for_analysis(
             dsn, expectations, sysctls, server_container, lambda line: click.echo(f"kaobs: error: {line}", err=True))
+    if spool is not None:
+        with spool:
+            reports = judge_in_order(connections_in_order(model, spool), expectations, model.capture_end, run.hz)
+            if output_format == "json":
+                counts = write_json_streamed(sys.stdout, run, reports, expectations)
+            else:
+                counts = render_text(Console(highlight=False, width=None if sys.stdout.isatty() else 200), run,
+                                     reports, expectations)
+        sys.exit(1 if counts["mismatch"] else 0)  # as exit_code(reports)
     reports = judge_all(model, expectations, model.capture_end, run.hz)
     view = postgres.finish(reports) if postgres is not None else None
     if output_format == "json":
