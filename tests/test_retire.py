@@ -260,3 +260,19 @@ def test_the_spool_gives_back_what_it_was_given_and_the_latest_copy(tmp_path):
         assert spool.holds(1) and not spool.holds(2) and spool.count == 1
         back = spool.get(1)
         assert back.end_reason == "closed" and back.client.endpoint == "10.0.0.1:40000" and back is not conn
+
+
+def test_tombstones_find_every_entry_under_a_hash_and_survive_growth_and_removal():
+    from analysis.model import Tombstones
+
+    table = Tombstones()
+    for index in range(1, 5001):
+        table.add(index * 1_000_003 - 2**62, index)  # spread, negative hashes included
+    table.add(7, 90001)
+    table.add(7, 90002)  # a collision: both kept
+    assert sorted(i for _, i in table.candidates(7)) == [90001, 90002]
+    slot = next(s for s, i in table.candidates(7) if i == 90001)
+    table.remove(slot)
+    assert [i for _, i in table.candidates(7)] == [90002]
+    assert [i for _, i in table.candidates(4321 * 1_000_003 - 2**62)] == [4321]
+    assert list(table.candidates(8)) == [] and len(table) == 5001
