@@ -395,12 +395,12 @@ class KeepaliveModel:
                 self.segments_ignored += 1
                 return
         conn, sender, receiver = route
-        conn.end = t
         flags = seg.flags
         next_seq = sender.next_seq
         if flags & 0x07 or next_seq is None or sender.pending_first is not None or receiver.pending_first is not None:
             self._uncommon(conn, sender, receiver, seg)
             return
+        conn.end = t
         seq = seg.seq
         payload_len = seg.payload_len
         if payload_len <= 1 and (next_seq - seq) & 0xFFFFFFFF == 1:
@@ -443,6 +443,7 @@ class KeepaliveModel:
             # A new SYN on a used 4-tuple: the port was reused for a new connection.
             self._retire(conn)
             conn, sender, receiver = self._open(seg)
+        conn.end = seg.t  # after the reuse check: the old connection ended before this SYN
         if receiver.pending_first is not None and seg.flags & ACK:
             self._resolve_pending(conn, receiver, sender, seg.ack)
         if sender.pending_first is not None:

@@ -331,3 +331,15 @@ def test_reset_after_the_prober_sent_data_is_not_a_keepalive_abort():
     assert report.connection.end_reason == "reset"
     assert report.client.abort is None
     assert [p.answer_lost for p in report.connection.client.keepalive_probes()] == [False]
+
+
+def test_port_reuse_leaves_the_old_connections_end_at_its_last_segment():
+    old = Conversation().handshake().exchange(0.01).fin("client", 1.0).fin("server", 1.001).ack("client", 1.002)
+    new = Conversation(segments=[]).handshake(20.0)
+    for segment in new.segments:
+        segment.frame += len(old.segments)
+    model, reports = run(Conversation(segments=old.segments + new.segments))
+    assert len(reports) == 2
+    first, second = (r.connection for r in reports)
+    assert first.end - old.t0 == pytest.approx(1.002)
+    assert second.start - old.t0 == pytest.approx(20.0)
