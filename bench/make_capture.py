@@ -17,7 +17,7 @@ What is in it (clients 10.20.x.y, servers 172.17.0.2 and 172.17.0.3, port 5432):
   Terminate and FIN (or a client RST);
 * idle connections whose server kernel probes with known settings
   (idle/interval/count, sometimes tcp_user_timeout), following the kernel
-  rules of KEEPALIVE.md: answered probes, a client that vanishes (unanswered
+  rules of docs/kernel-keepalive.md: answered probes, a client that vanishes (unanswered
   probes, then RST one interval after the last), both sides probing (a probe
   received does not reset the receiver's timer), a server that vanishes under
   a probing client;
@@ -562,22 +562,28 @@ def connections(net: Network, duration_hint: float, mix: str = "pgbench") -> Ite
         life = rng.uniform(duration_hint * 0.3, duration_hint * 1.5)
         yield t + i * 0.0007, pooled(f, t + i * 0.0007, t + life, preexisting)
     t += 8 * 0.0007  # starts must come in time order
-    kinds = ("short", "keepalive", "zero_window", "pooled")
-    weights = (4.0, 10.0, 0.5, 0.12)
+    yield from _arrivals(net, t, {
+        "short": (4.0, lambda f, t: short(f, t)),
+        "keepalive": (10.0, lambda f, t: keepalive_conn(f, t, rng.choice(KEEPALIVE_STYLES))),
+        "zero_window": (0.5, lambda f, t: zero_window(f, t)),
+        "pooled": (0.12, lambda f, t: pooled(f, t, t + rng.uniform(duration_hint * 0.2, duration_hint * 0.8), False)),
+    })
+
+
+KEEPALIVE_STYLES = ("answered", "answered", "both", "dead_client", "dead_client", "dead_server")
+
+
+def _arrivals(net: Network, t: float, kinds: dict) -> Iterator[tuple[float, Iterator[Packet]]]:
+    """Connections arriving as a Poisson process: `kinds` maps a kind to (rate per second, make(flow, t))."""
+    rng = net.rng
+    names = tuple(kinds)
+    weights = tuple(rate for rate, _ in kinds.values())
     rate = sum(weights)
-    styles = ("answered", "answered", "both", "dead_client", "dead_client", "dead_server")
     while True:
         t += rng.expovariate(rate)
-        kind = rng.choices(kinds, weights)[0]
+        kind = rng.choices(names, weights)[0]
         f = net.flow(random.Random(rng.getrandbits(64)))
-        if kind == "short":
-            yield t, short(f, t)
-        elif kind == "keepalive":
-            yield t, keepalive_conn(f, t, rng.choice(styles))
-        elif kind == "zero_window":
-            yield t, zero_window(f, t)
-        else:
-            yield t, pooled(f, t, t + rng.uniform(duration_hint * 0.2, duration_hint * 0.8), False)
+        yield t, kinds[kind][1](f, t)
 
 
 def short_mix(net: Network, duration_hint: float) -> Iterator[tuple[float, Iterator[Packet]]]:
@@ -592,22 +598,12 @@ def short_mix(net: Network, duration_hint: float) -> Iterator[tuple[float, Itera
     t = EPOCH
     f = net.flow(random.Random(rng.getrandbits(64)))
     yield t, pooled(f, t, t + duration_hint * 1.5, True)
-    kinds = ("brief", "short", "keepalive", "zero_window")
-    weights = (1000.0, 1.0, 2.0, 0.05)
-    rate = sum(weights)
-    styles = ("answered", "answered", "both", "dead_client", "dead_client", "dead_server")
-    while True:
-        t += rng.expovariate(rate)
-        kind = rng.choices(kinds, weights)[0]
-        f = net.flow(random.Random(rng.getrandbits(64)))
-        if kind == "brief":
-            yield t, brief(f, t)
-        elif kind == "short":
-            yield t, short(f, t)
-        elif kind == "keepalive":
-            yield t, keepalive_conn(f, t, rng.choice(styles))
-        else:
-            yield t, zero_window(f, t)
+    yield from _arrivals(net, t, {
+        "brief": (1000.0, lambda f, t: brief(f, t)),
+        "short": (1.0, lambda f, t: short(f, t)),
+        "keepalive": (2.0, lambda f, t: keepalive_conn(f, t, rng.choice(KEEPALIVE_STYLES))),
+        "zero_window": (0.05, lambda f, t: zero_window(f, t)),
+    })
 
 
 MIXES = {"pgbench": 22_000, "short": 12_000}  # mix -> about how many packets per second of capture it makes
