@@ -11,13 +11,15 @@ Both tools run as subprocesses in the same run, alternately, several times
 machine slows both alike. The probe sets are then compared with each other and
 with the generator's truth file (`make_capture.py`): kaobs's keepalive probes
 must be tshark's keep_alive frames minus the zero-window probes (tshark 4.0
-labels those Keep-Alive too; KEEPALIVE.md), and kaobs's window probes must be
+labels those Keep-Alive too; docs/kernel-keepalive.md), and kaobs's window probes must be
 exactly the zero-window probes. A second, larger capture (default 5M packets)
 is analysed by kaobs alone, to show that its memory stays flat.
 
 Usage:
     python3 bench/bench_analyze.py                     # 1M packets, 3 runs each, then 5M for memory
     python3 bench/bench_analyze.py --packets 200000 --big-packets 0 --repeat 1   # a quick look
+    git worktree add /tmp/kaobs-old v-old && python3 bench/bench_analyze.py --baseline /tmp/kaobs-old
+        # also time another checkout of kaobs in the same run: a before/after comparison
 
 Exit status 0 when every target is met, 1 when one is not, 2 when a tool fails.
 """
@@ -84,11 +86,11 @@ def capture(directory: str, packets: int, seed: int, snaplen: int, reuse: bool) 
     return path, truth
 
 
-def run_timed(argv: list[str], stdout_path: str) -> tuple[float, float, float, int]:
+def run_timed(argv: list[str], stdout_path: str, cwd: str | None = None) -> tuple[float, float, float, int]:
     """Run a command with stdout to a file: (wall seconds, CPU seconds, peak RSS in MB, exit code)."""
     with open(stdout_path, "wb") as out:
         started = time.perf_counter()
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE)
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE, cwd=cwd)
         # stderr is small (warnings); read it before waiting so the child never blocks.
         err = process.stderr.read() if process.stderr else b""
         _, status, usage = os.wait4(process.pid, 0)
@@ -176,11 +178,12 @@ def compare(truth: dict, kaobs_json: str, tshark_out: str | None) -> tuple[bool,
 
 
 def measure(path: str, repeat: int, with_tshark: bool, console_script: bool,
-            workdir: str) -> tuple[Timing, Timing | None, str, str | None]:
-    """Alternate kaobs and tshark runs; keep the last outputs for the comparison."""
+            workdir: str, baseline: str | None = None) -> tuple[Timing, Timing | None, str, str | None, Timing | None]:
+    """Alternate kaobs, the baseline checkout (if any) and tshark runs; keep the last outputs for the comparison."""
     kaobs_out = os.path.join(workdir, "kaobs.json")
     tshark_out = os.path.join(workdir, "tshark.txt") if with_tshark else None
     kaobs, tshark = Timing(), (Timing() if with_tshark else None)
+    before = Timing() if baseline else None
     for i in range(repeat):
         seconds, cpu, peak, code = run_timed(kaobs_argv(path, console_script), kaobs_out)
         if code not in (0, 1):
@@ -189,6 +192,15 @@ def measure(path: str, repeat: int, with_tshark: bool, console_script: bool,
         kaobs.cpu.append(cpu)
         kaobs.peak_mb.append(peak)
         line = f"  run {i + 1}/{repeat}: kaobs {seconds:.2f} s (cpu {cpu:.2f} s) {peak:.0f} MB"
+        if before is not None:
+            baseline_out = os.path.join(workdir, "baseline.json")
+            seconds, cpu, peak, code = run_timed(kaobs_argv(path, False), baseline_out, cwd=baseline)
+            if code not in (0, 1):
+                raise SystemExit(f"bench: the baseline's kaobs analyze failed with exit code {code}")
+            before.seconds.append(seconds)
+            before.cpu.append(cpu)
+            before.peak_mb.append(peak)
+            line += f", baseline {seconds:.2f} s (cpu {cpu:.2f} s) {peak:.0f} MB"
         if tshark is not None and tshark_out is not None:
             seconds, cpu, peak, code = run_timed(tshark_argv(path), tshark_out)
             if code != 0:
@@ -198,7 +210,7 @@ def measure(path: str, repeat: int, with_tshark: bool, console_script: bool,
             tshark.peak_mb.append(peak)
             line += f", tshark {seconds:.2f} s (cpu {cpu:.2f} s) {peak:.0f} MB"
         print(line + f"  (load average {os.getloadavg()[0]:.1f})", file=sys.stderr)
-    return kaobs, tshark, kaobs_out, tshark_out
+    return kaobs, tshark, kaobs_out, tshark_out, before
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pcapng", action="store_true",
                         help="also time both tools on the capture converted to pcapng (editcap)")
     parser.add_argument("--json-out", help="also write the figures as JSON to this file")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="another checkout of kaobs (e.g. a git worktree of an older commit), timed on the "
+                             "same capture in the same run, alternately: a before/after comparison")
     args = parser.parse_args(argv)
     if args.packets < 1 or args.repeat < 1:
         parser.error("--packets and --repeat must be positive")
@@ -231,10 +246,22 @@ def main(argv: list[str] | None = None) -> int:
             ["tshark", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
 
     path, truth = capture(args.dir, args.packets, args.seed, args.snaplen, not args.fresh)
-    kaobs, tshark, kaobs_out, tshark_out = measure(path, args.repeat, have_tshark, args.console_script, workdir)
+    if args.baseline and not os.path.isfile(os.path.join(args.baseline, "kaobs", "__main__.py")):
+        parser.error(f"--baseline {args.baseline}: not a kaobs checkout (no kaobs/__main__.py)")
+    kaobs, tshark, kaobs_out, tshark_out, before = measure(path, args.repeat, have_tshark, args.console_script,
+                                                          workdir, args.baseline)
     agree, lines, counts = compare(truth, kaobs_out, tshark_out)
     for line in lines:
         print(line)
+    if before is not None:
+        same = _same_output(kaobs_out, os.path.join(workdir, "baseline.json"))
+        print(f"this checkout against the baseline {args.baseline}: median wall {kaobs.median:.2f} s vs "
+              f"{before.median:.2f} s ({before.median / kaobs.median:.2f}x), median CPU {kaobs.cpu_median:.2f} s vs "
+              f"{before.cpu_median:.2f} s ({before.cpu_median / kaobs.cpu_median:.2f}x), peak {kaobs.peak:.0f} MB vs "
+              f"{before.peak:.0f} MB; reports {'byte-identical' if same else 'DIFFER'}")
+        results["baseline"] = {"dir": args.baseline, "median_s": before.median, "cpu_median_s": before.cpu_median,
+                               "peak_mb": before.peak, "wall_s": before.seconds, "cpu_s": before.cpu,
+                               "speedup_median": before.median / kaobs.median, "same_report": same}
     rows = [_row(path, truth, kaobs, tshark, counts, agree)]
     results["timed"] = rows[0]
 
@@ -242,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         ng_path = os.path.splitext(path)[0] + ".pcapng"
         if not os.path.exists(ng_path) or os.path.getmtime(ng_path) < os.path.getmtime(path):
             subprocess.run(["editcap", "-F", "pcapng", path, ng_path], check=True)
-        ng_kaobs, ng_tshark, ng_out, ng_tshark_out = measure(
+        ng_kaobs, ng_tshark, ng_out, ng_tshark_out, _ = measure(
             ng_path, args.repeat, have_tshark, args.console_script, workdir)
         ng_agree, ng_lines, ng_counts = compare(truth, ng_out, ng_tshark_out)
         for line in ng_lines:
@@ -254,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     big_ok = True
     if args.big_packets:
         big_path, big_truth = capture(args.dir, args.big_packets, args.seed, args.snaplen, not args.fresh)
-        big_kaobs, _, big_out, _ = measure(big_path, 1, False, args.console_script, workdir)
+        big_kaobs, _, big_out, _, _ = measure(big_path, 1, False, args.console_script, workdir)
         big_agree, big_lines, big_counts = compare(big_truth, big_out, None)
         for line in big_lines:
             print(f"[{args.big_packets} packets] {line}")
@@ -275,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(results, f, indent=1)
     shutil.rmtree(workdir, ignore_errors=True)
     return 0 if speed_ok and memory_ok and agree else 1
+
+
+def _same_output(a: str, b: str) -> bool:
+    with open(a, "rb") as first, open(b, "rb") as second:
+        return first.read() == second.read()
 
 
 def _row(path: str, truth: dict, kaobs: Timing, tshark: Timing | None, counts: dict, agree: bool) -> dict:
