@@ -1,24 +1,35 @@
-"""The keepalive model: a pure, deterministic state machine fed with TCP segments.
+"""The keepalive model: a pure, deterministic state machine fed with TCP segment records.
 
 One `KeepaliveModel` follows every Postgres connection in a stream of
-`TcpSegment` records, and for each endpoint (server, client) keeps what its
-kernel's keepalive timer could see: the last packet it *accepted* from its
-peer, the probes it sent, which of them were answered, and the abort.
+records (`sniffer.records`) and for each endpoint (server, client) keeps what
+its kernel's keepalive timer could see: the last packet it *accepted* from
+its peer, the probes it sent, which of them were answered on the wire, and
+the abort.
 
-The rules come from ../shared/reference/KEEPALIVE.md (measured on Linux 6.x):
+The rules (docs/kernel-keepalive.md, measured on Linux 6.x):
 
-* a keepalive probe is a pure ACK of 0 (Linux) or 1 byte at the prober's next
-  sequence number minus one; the answer is a duplicate ACK from the peer;
-* a zero-window probe has the same shape but happens while the peer
-  advertises window 0 or the prober has data in flight: it is not a keepalive;
-* a probe *received* is out of window: it does not reset the receiver's timer;
-  any other segment the receiver accepts does;
-* after `count` unanswered probes (or once `tcp_user_timeout` has passed) the
-  prober sends RST.
+* a probe-shaped segment is a pure ACK of 0 (Linux) or 1 byte at the
+  sender's next sequence number minus one; the answer is a duplicate ACK
+  from the peer;
+* it is a keepalive probe only when the keepalive timer can run: with data
+  in flight, or the peer advertising window 0 (data queued), the same shape
+  is a zero-window probe of the persist timer (`_probe`, the one place
+  where a probe is classified; the gate is `kernel_timer.keepalive_blocked`);
+* a probe *received* is out of window: it does not reset the receiver's
+  timer; any other segment the receiver accepts does;
+* after `count` unanswered probes (or once `tcp_user_timeout` has passed)
+  the prober sends RST.
 
 Nothing here knows about expectations or tolerances: the model only records
-what happened, compactly (memory grows with probes and connections, not with
-packets), and `analysis.verdict` judges it.
+what happened on the wire, compactly (memory grows with probes and
+connections, not with packets); `analysis.prober` and `analysis.verdict`
+judge it without writing into it.
+
+There are two ways in, with one set of rules: `feed` takes a `TcpSegment`
+and is the readable specification; `feed_records` takes the readers' record
+tuples and handles the common case (an established connection's data or
+pure ACK) inline, handing everything else to `feed`. `tests/test_fast_path.py`
+keeps the two in step.
 """
 from __future__ import annotations
 
@@ -27,14 +38,24 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Protocol
 
-from sniffer.frames import flow_endpoints
-from sniffer.records import ACK, FIN, RST, SYN, TcpSegment
+from analysis.kernel_timer import keepalive_blocked
+from analysis.settings import CLIENT, SERVER
+from sniffer.records import ACK, FIN, RST, SYN, Record, TcpSegment, flow_endpoints
 
 SEQ_MOD = 1 << 32
 SEQ_HALF = 1 << 31
 
-SERVER = "server"
-CLIENT = "client"
+KEEPALIVE = "keepalive"
+WINDOW = "window"
+"""Probe kinds: a keepalive probe, or a zero-window probe of the persist timer (the same shape on the wire)."""
+
+END_REASONS = {
+    "open": "open",
+    "closed": "closed (FIN)",
+    "reset": "reset (RST)",
+    "keepalive_abort": "aborted by keepalive",
+}
+"""`Connection.end_reason` values, and how the reports say them."""
 
 _IGNORED = ("ignored",)  # flow-route cache entry of a flow on no server port
 _FLOW_ROUTE_LIMIT = 1 << 18
@@ -55,8 +76,8 @@ class KeepaliveProbe:
     prober had accepted from its peer when it sent this probe (None when that
     happened before the capture began), `series_index` counts the probes sent
     since that packet, starting at 1. `answer_t` is when the peer's duplicate
-    ACK crossed the capture point; `answer_lost` is decided later, from when
-    the prober probed next.
+    ACK crossed the capture point; whether the prober got it is judged later
+    (`analysis.prober`), from when it probed next.
     """
 
     frame: int
@@ -67,7 +88,6 @@ class KeepaliveProbe:
     series_index: int
     answer_t: float | None = None
     answer_frame: int | None = None
-    answer_lost: bool = False
 
     @property
     def answered_on_wire(self) -> bool:
@@ -130,7 +150,20 @@ class Endpoint:
         return format_endpoint(self.address, self.port)
 
     def keepalive_probes(self) -> list[KeepaliveProbe]:
-        return [p for p in self.probes if p.kind == "keepalive"]
+        return [p for p in self.probes if p.kind == KEEPALIVE]
+
+    def data_in_flight(self, peer: "Endpoint") -> bool:
+        """Has this side sent data the peer has not acknowledged (as far as the wire shows)?"""
+        return peer.highest_ack is not None and seq_diff(self.next_seq, peer.highest_ack) > 0
+
+    def persisting(self, peer: "Endpoint") -> bool:
+        """Is this side's persist timer running: its last probe a zero-window probe, the peer's window still 0?
+
+        Its data waits in the send queue, so the keepalive timer does not run:
+        the silence after the peer's zero-window ACK is not keepalive idle,
+        even though nothing is in flight.
+        """
+        return bool(self.probes) and self.probes[-1].kind == WINDOW and peer.window == 0
 
 
 @dataclass(slots=True)
@@ -175,6 +208,8 @@ class RetiredStore(Protocol):
     def put(self, conn: Connection) -> None: ...
 
     def get(self, index: int) -> Connection: ...
+
+    def holds(self, index: int) -> bool: ...
 
 
 class Tombstones:
@@ -300,16 +335,16 @@ class KeepaliveModel:
             feed(segment)
         return self
 
-    def feed_records(self, records: Iterable[tuple]) -> "KeepaliveModel":
-        """Account for capture records, in order: the same as feeding their TcpSegments, faster.
+    def feed_records(self, records: Iterable[Record]) -> "KeepaliveModel":
+        """Account for capture records, in order: the same as `feed` on their TcpSegments, faster.
 
         A record is ``(frame, t, flow, seq, ack, flags, window, payload_len)``
-        (`sniffer.frames`, `CaptureReader.records`): no TcpSegment is built per
-        packet, and the route is found by the flow bytes. The common case is
-        inlined as in `feed` (keep the two in step); anything else (a flow's
-        first packet, handshake, FIN, RST, a side first seen mid-connection, a
-        probe, an answer) goes through the segment path with a TcpSegment made
-        for it, so there is one set of rules.
+        (`sniffer.records`): no TcpSegment is built per packet, and the route
+        is found by the flow bytes. Only the common case, an established
+        connection's data or pure ACK that is not probe-shaped, is handled
+        here, inline: it is `_segment` written out for speed (keep the two in
+        step). Everything else (a flow's first packet, handshake, FIN, RST, a
+        side first seen mid-connection, a probe) goes through `feed`.
         """
         feed = self.feed
         flow_routes = self._flow_routes
@@ -331,16 +366,12 @@ class KeepaliveModel:
             conn, sender, receiver = route
             next_seq = sender.next_seq
             if (flags & 0x07 or next_seq is None or sender.pending_first is not None
-                    or receiver.pending_first is not None):
+                    or receiver.pending_first is not None
+                    or payload_len <= 1 and (next_seq - seq) & 0xFFFFFFFF == 1):
                 feed(TcpSegment(frame, t, sender.address, sender.port, receiver.address, receiver.port,
                                 seq, ack, flags, window, payload_len))
                 continue
             conn.end = t
-            if payload_len <= 1 and (next_seq - seq) & 0xFFFFFFFF == 1:
-                self._probe(conn, sender, receiver, TcpSegment(
-                    frame, t, sender.address, sender.port, receiver.address, receiver.port,
-                    seq, ack, flags, window, payload_len))
-                continue
             if payload_len:
                 end = (seq + payload_len) & 0xFFFFFFFF
                 if 0 < (end - next_seq) & 0xFFFFFFFF < SEQ_HALF:
@@ -376,66 +407,35 @@ class KeepaliveModel:
     def feed(self, seg: TcpSegment) -> None:
         """Account for one segment; segments must come in capture order.
 
-        The common case (an established connection's data or pure ACK) is
-        handled inline: a capture can hold millions of them, and each method
-        call costs as much as the rule itself.
+        The readable path through the rules: find (or open) the connection,
+        then the handshake, FIN, RST and sides first seen mid-connection
+        (`_uncommon`), or an established connection's segment (`_segment`).
         """
-        t = seg.t
         route = self._routes.get((seg.src, seg.sport, seg.dst, seg.dport))
         if route is None:
-            if self.first_t is None:
-                self.first_t = t
-            if self.retired is not None:
-                route = self._revive(seg) if self._tombstones else None
-                if route is None and t >= self._next_sweep:
-                    self._sweep(t)
-            if route is None:
-                route = self._open(seg)
+            route = self._new_route(seg)
             if route is None:
                 self.segments_ignored += 1
                 return
         conn, sender, receiver = route
-        flags = seg.flags
-        next_seq = sender.next_seq
-        if flags & 0x07 or next_seq is None or sender.pending_first is not None or receiver.pending_first is not None:
+        if (seg.flags & (SYN | FIN | RST) or sender.next_seq is None or sender.pending_first is not None
+                or receiver.pending_first is not None):
             self._uncommon(conn, sender, receiver, seg)
             return
-        conn.end = t
-        seq = seg.seq
-        payload_len = seg.payload_len
-        if payload_len <= 1 and (next_seq - seq) & 0xFFFFFFFF == 1:
-            self._probe(conn, sender, receiver, seg)
-            return
-        if payload_len:
-            end = (seq + payload_len) & 0xFFFFFFFF
-            if 0 < (end - next_seq) & 0xFFFFFFFF < SEQ_HALF:
-                sender.next_seq = end
-                sender.quiet_clean = False
-            else:
-                sender.retransmissions += 1
-        sender.window = seg.window
-        if flags & ACK:
-            ack = seg.ack
-            receiver_next = receiver.next_seq
-            if receiver.series_unanswered and ack == receiver_next:
-                self._answer(conn, receiver, seg)
-            highest = sender.highest_ack
-            if highest is None or 0 < (ack - highest) & 0xFFFFFFFF < SEQ_HALF:
-                sender.highest_ack = ack
-                if receiver_next is None or 0 < (ack - receiver_next) & 0xFFFFFFFF < SEQ_HALF:
-                    receiver.next_seq = receiver_next = ack
-            clean = ack == receiver_next
-        else:
-            clean = False
-        # The receiver accepted this segment: its keepalive timer restarts.
-        previous = receiver.last_accepted
-        if previous is not None and t - previous > receiver.longest_quiet_length:
-            self._quiet_span(receiver, previous, t)
-        receiver.last_accepted = t
-        if receiver.series_probes:
-            receiver.series_probes = 0
-            receiver.series_unanswered = 0
-        receiver.quiet_clean = clean
+        conn.end = seg.t
+        self._segment(conn, sender, receiver, seg)
+
+    def _new_route(self, seg: TcpSegment) -> tuple[Connection, Endpoint, Endpoint] | None:
+        """The route of a 4-tuple not followed now: a retired connection taken back, or a new one (None: not Postgres)."""
+        t = seg.t
+        if self.first_t is None:
+            self.first_t = t
+        route = None
+        if self.retired is not None:
+            route = self._revive(seg) if self._tombstones else None
+            if route is None and t >= self._next_sweep:
+                self._sweep(t)
+        return route if route is not None else self._open(seg)
 
     def _uncommon(self, conn: Connection, sender: Endpoint, receiver: Endpoint, seg: TcpSegment) -> None:
         """Handshake, FIN, RST, and sides first seen mid-connection."""
@@ -592,7 +592,7 @@ class KeepaliveModel:
             # the keepalive timer's (a client's Terminate then RST, say).
             after_keepalive = (
                 last_probe is not None
-                and last_probe.kind == "keepalive"
+                and last_probe.kind == KEEPALIVE
                 and (sender.series_probes > 0 or sender.last_accepted == last_probe.answer_t)
                 and (sender.next_seq is None or seq_diff(sender.next_seq, last_probe.seq) <= 1)
             )
@@ -617,7 +617,7 @@ class KeepaliveModel:
             sender.next_seq = (seg.seq + 1 + seg.payload_len) & 0xFFFFFFFF
             if flags & ACK:
                 self._note_ack(sender, receiver, seg.ack)
-                self._accept(receiver, sender, t)
+                self._accept(receiver, t, self._acked(receiver, sender))
             sender.window = seg.window
             return
         # FIN: it occupies one sequence number and is accepted like data.
@@ -634,11 +634,10 @@ class KeepaliveModel:
             self._emit("fin", t, conn, sender.role)
         if conn.end_reason == "open":
             conn.end_reason = "closed"
-        self._accept(receiver, sender, t)
+        self._accept(receiver, t, self._acked(receiver, sender))
 
     def _segment(self, conn: Connection, sender: Endpoint, receiver: Endpoint, seg: TcpSegment) -> None:
-        """A data segment or pure ACK outside the inline path of `feed` (replays)."""
-        t = seg.t
+        """A data segment or pure ACK of an established connection: a probe, or a packet the receiver accepts."""
         if seg.payload_len <= 1 and seq_diff(sender.next_seq, seg.seq) == 1:
             self._probe(conn, sender, receiver, seg)
             return
@@ -650,23 +649,26 @@ class KeepaliveModel:
             else:
                 sender.retransmissions += 1
         sender.window = seg.window
+        clean = False
         if seg.flags & ACK:
             if receiver.series_unanswered and seg.ack == receiver.next_seq:
                 self._answer(conn, receiver, seg)
             self._note_ack(sender, receiver, seg.ack)
-        self._accept(receiver, sender, t)
+            clean = seg.ack == receiver.next_seq  # nothing of the receiver's own left unacknowledged
+        self._accept(receiver, seg.t, clean)
 
     def _answer(self, conn: Connection, prober: Endpoint, seg: TcpSegment) -> None:
         """The peer acknowledged the prober's next byte again: the probe is answered on the wire."""
         last_probe = prober.probes[-1]
-        if last_probe.answer_t is None and last_probe.kind == "keepalive":
+        if last_probe.answer_t is None and last_probe.kind == KEEPALIVE:
             last_probe.answer_t = seg.t
             last_probe.answer_frame = seg.frame
             self._emit("answer", seg.t, conn, prober.role, probe=last_probe)
 
     def _probe(self, conn: Connection, sender: Endpoint, receiver: Endpoint, seg: TcpSegment) -> None:
-        in_flight = receiver.highest_ack is not None and seq_diff(sender.next_seq, receiver.highest_ack) > 0
-        kind = "window" if receiver.window == 0 or in_flight else "keepalive"
+        """A probe-shaped segment: classified here, and only here, as a keepalive or a zero-window probe."""
+        blocked = keepalive_blocked(data_in_flight=sender.data_in_flight(receiver), data_queued=receiver.window == 0)
+        kind = WINDOW if blocked else KEEPALIVE
         sender.series_probes += 1
         probe = KeepaliveProbe(
             frame=seg.frame,
@@ -677,7 +679,7 @@ class KeepaliveModel:
             series_index=sender.series_probes,
         )
         sender.probes.append(probe)
-        if kind == "keepalive":
+        if kind == KEEPALIVE:
             sender.series_unanswered += 1
         else:
             sender.window_probes += 1
@@ -693,15 +695,24 @@ class KeepaliveModel:
             if receiver.next_seq is None or seq_diff(ack, receiver.next_seq) > 0:
                 receiver.next_seq = ack
 
-    def _accept(self, endpoint: Endpoint, peer: Endpoint, t: float) -> None:
-        """The endpoint's kernel accepted a packet: its keepalive timer restarts."""
+    def _accept(self, endpoint: Endpoint, t: float, clean: bool) -> None:
+        """The endpoint's kernel accepted a packet: its keepalive timer restarts.
+
+        `clean`: nothing of the endpoint's own is unacknowledged, so the quiet
+        span that starts now is keepalive idle (see `_quiet_span`).
+        """
         previous = endpoint.last_accepted
         if previous is not None and t - previous > endpoint.longest_quiet_length:
             self._quiet_span(endpoint, previous, t)
         endpoint.last_accepted = t
         endpoint.series_probes = 0
         endpoint.series_unanswered = 0
-        endpoint.quiet_clean = endpoint.next_seq is not None and peer.highest_ack == endpoint.next_seq
+        endpoint.quiet_clean = clean
+
+    @staticmethod
+    def _acked(endpoint: Endpoint, peer: Endpoint) -> bool:
+        """Has the peer acknowledged everything the endpoint sent?"""
+        return endpoint.next_seq is not None and peer.highest_ack == endpoint.next_seq
 
     @staticmethod
     def _quiet_span(endpoint: Endpoint, start: float, end: float) -> None:

@@ -1,9 +1,10 @@
 """What live capture adds over a file: predictions and alarms while they still matter.
 
 `LiveMonitor` looks at the model's state at a given moment ("now", from the
-capture clock) and says, per connection and side, when the next probe and the
-abort are due under the expected settings (or, where nothing was expected,
-under what the side has shown so far), and raises an alarm once:
+capture clock) and asks the kernel timer (`analysis.kernel_timer`) when the
+next probe and the abort are due, per connection and side, under the expected
+settings (or, where nothing was expected, under what the side has shown so
+far), and raises an alarm once:
 
 * a probe overdue beyond the timer tolerance ("no probe 5 s after it was due:
   keepalives are not running on this side");
@@ -15,13 +16,21 @@ Pure: the caller supplies the time; nothing here reads a clock or prints.
 """
 from __future__ import annotations
 
-import datetime as _dt
 from dataclasses import dataclass
 
 from analysis.expect import Expectations
-from analysis.model import CLIENT, SERVER, Connection, Endpoint, KeepaliveModel
-from analysis.timers import DEFAULT_HZ, timer_tolerance
-from analysis.verdict import TimerSettings, estimate_idle, estimate_interval
+from analysis.kernel_timer import (
+    PROBE,
+    TimerSettings,
+    TimerState,
+    abort_due,
+    next_event,
+)
+from analysis.model import WINDOW, Connection, Endpoint, KeepaliveModel
+from analysis.prober import estimate_idle, estimate_interval
+from analysis.settings import CLIENT, SERVER
+from analysis.tolerance import DEFAULT_HZ, timer_tolerance
+from analysis.words import local_clock
 
 # An alarm waits this much beyond the timer tolerance: a capture clock and a
 # busy machine should not page anyone for a probe 300 ms late.
@@ -60,56 +69,53 @@ class LiveMonitor:
         self.model = model
         self.hz = hz
         self.settings = {
-            SERVER: TimerSettings.from_expectation(expectations.server if expectations and expectations.server.judged() else None),
-            CLIENT: TimerSettings.from_expectation(expectations.client if expectations and expectations.client.judged() else None),
+            role: side.timer_settings() if side is not None and side.judged() else TimerSettings()
+            for role, side in ((SERVER, expectations.server if expectations else None),
+                               (CLIENT, expectations.client if expectations else None))
         }
         self._raised: set[tuple[int, str, str, float]] = set()
 
     def outlook(self, conn: Connection, role: str) -> SideOutlook:
         endpoint = conn.side(role)
-        keepalives = [p for p in endpoint.probes if p.kind == "keepalive"]
+        keepalives = endpoint.keepalive_probes()
         unanswered = endpoint.series_unanswered
         if conn.end_reason != "open" or endpoint.fin_t is not None or conn.peer(endpoint).fin_t is not None:
             return SideOutlook(role, len(keepalives), unanswered, None, None, "unknown")
-        idle, interval, count, user_timeout, source = self._numbers(role, endpoint)
-        next_probe = abort_due = None
-        if unanswered and interval:
+        settings, source = self._numbers(role, endpoint)
+        next_probe = abort_at = None
+        if unanswered and settings.interval:
             last = endpoint.probes[-1]
-            anchor = last.since_accepted
-            if user_timeout:
-                if anchor is not None:
-                    ticks = 1
-                    while last.t + ticks * interval - anchor < user_timeout and ticks < 10_000:
-                        ticks += 1
-                    abort_due = last.t + ticks * interval
-            elif count is not None:
-                abort_due = last.t + max(1, count - unanswered + 1) * interval
-            next_probe = last.t + interval
-            if abort_due is not None and abort_due <= next_probe:
-                next_probe = None
-        elif not unanswered and idle and endpoint.last_accepted is not None and endpoint.quiet_clean:
-            next_probe = endpoint.last_accepted + idle
-            if endpoint.probes and endpoint.probes[-1].kind == "window" and (
-                    endpoint.series_probes or conn.peer(endpoint).window == 0):
-                next_probe = None  # persist timer running: keepalive is off while data waits
-        return SideOutlook(role, len(keepalives), unanswered, next_probe, abort_due, source)
+            state = TimerState(last.since_accepted, unanswered, last.t + settings.interval)
+        elif not unanswered and settings.idle and endpoint.last_accepted is not None and endpoint.quiet_clean:
+            last = endpoint.probes[-1] if endpoint.probes else None
+            if last is not None and last.kind == WINDOW and (endpoint.series_probes or endpoint.persisting(conn.peer(endpoint))):
+                return SideOutlook(role, len(keepalives), unanswered, None, None, source)  # persist timer, not keepalive
+            # After an answered probe the timer armed for `interval` still runs: max(answer + idle, probe + interval).
+            answered_last = last is not None and last.answer_t == endpoint.last_accepted and settings.interval
+            state = TimerState(endpoint.last_accepted, 0, last.t + settings.interval if answered_last else None)
+        else:
+            return SideOutlook(role, len(keepalives), unanswered, None, None, source)
+        event = next_event(state, settings)
+        if event.kind == PROBE:
+            next_probe = event.due
+        if unanswered:
+            abort_at = abort_due(state, settings)
+        return SideOutlook(role, len(keepalives), unanswered, next_probe, abort_at, source)
 
-    def _numbers(self, role: str, endpoint: Endpoint):
+    def _numbers(self, role: str, endpoint: Endpoint) -> tuple[TimerSettings, str]:
+        """The side's timer settings: the expected ones, with what the side has shown so far where none were given."""
         expected = self.settings[role]
         if expected.enabled is False:
-            return None, None, None, None, "expected"
+            return TimerSettings(False), "expected"
         keepalives = endpoint.keepalive_probes()
-        idle = expected.idle
-        interval = expected.interval
+        idle, interval = expected.idle, expected.interval
         source = "expected" if idle or interval else "unknown"
         if idle is None:
             idle = estimate_idle(keepalives)
             source = "observed" if idle else source
         if interval is None:
             interval = estimate_interval(keepalives)
-        count = expected.count
-        user_timeout = expected.user_timeout
-        return idle, interval, count, user_timeout, source
+        return TimerSettings(expected.enabled, idle, interval, expected.count, expected.user_timeout), source
 
     def alarms(self, now: float) -> list[Alarm]:
         """Alarms that became true by `now`, each raised once."""
@@ -130,7 +136,7 @@ class LiveMonitor:
             if now > out.abort_due + late:
                 found.append(
                     Alarm("abort_missing", out.abort_due, conn, role,
-                          f"{role} should have aborted at {clock(out.abort_due)} after {out.unanswered} unanswered probe(s); "
+                          f"{role} should have aborted at {local_clock(out.abort_due, millis=False)} after {out.unanswered} unanswered probe(s); "
                           f"no RST {now - out.abort_due:.1f} s later")
                 )
             elif out.unanswered >= 2 or (out.unanswered >= 1 and self.settings[role].count == 1):
@@ -138,7 +144,7 @@ class LiveMonitor:
                 of = f" of {total}" if total and not self.settings[role].user_timeout else ""
                 found.append(
                     Alarm("peer_silent", conn.side(role).probes[-1].t, conn, role,
-                          f"{role}: {out.unanswered}{of} probes unanswered, abort expected at {clock(out.abort_due)}")
+                          f"{role}: {out.unanswered}{of} probes unanswered, abort expected at {local_clock(out.abort_due, millis=False)}")
                 )
         if out.next_probe is not None and out.settings_from != "unknown":
             length = self._idle_of(role, conn) if not out.unanswered else self._interval_of(role, conn)
@@ -146,7 +152,7 @@ class LiveMonitor:
             if now > out.next_probe + late:
                 found.append(
                     Alarm("probe_overdue", out.next_probe, conn, role,
-                          f"{role}: no probe {now - out.next_probe:.1f} s after it was due at {clock(out.next_probe)}: "
+                          f"{role}: no probe {now - out.next_probe:.1f} s after it was due at {local_clock(out.next_probe, millis=False)}: "
                           "keepalives are not running on this side, or not with these settings")
                 )
         return found
@@ -156,9 +162,3 @@ class LiveMonitor:
 
     def _interval_of(self, role: str, conn: Connection) -> float | None:
         return self.settings[role].interval or estimate_interval(conn.side(role).keepalive_probes())
-
-
-def clock(t: float | None) -> str:
-    if t is None:
-        return "-"
-    return _dt.datetime.fromtimestamp(t).strftime("%H:%M:%S")

@@ -69,17 +69,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kaobs.labenv import (  # noqa: E402 - after the path fix, so it runs from a checkout
-    FAULT_NONE,
-    LOCAL_IMAGE,
-    LabEnvironment,
-    LabError,
-    Scenario,
-    Session,
-    client_spec,
-    docker,
-    labels,
-)
+from kaobs.lab.docker import LOCAL_IMAGE, LabEnvironment, client_spec, docker, labels  # noqa: E402 - after the path fix
+from kaobs.lab.scenario import FAULT_NONE, LabError, Scenario, Session  # noqa: E402
 
 PORT = 5432
 SERVER_SETTINGS = (("tcp_keepalives_idle", "2"), ("tcp_keepalives_interval", "1"), ("tcp_keepalives_count", "3"))
@@ -539,7 +530,7 @@ def run(args: argparse.Namespace) -> Figures:
         vanisher_spec = client_spec(scenario.with_(sessions=(Session(),)), env.server.ip, args.seconds + 120)
         client_env = dict(os.environ, PGPASSWORD=env.password, PYTHONUNBUFFERED="1")
         vanisher_client = subprocess.Popen(
-            ["nsenter", f"--net={vanisher.netns}", sys.executable, "-m", "kaobs.labclient", "--spec",
+            ["nsenter", f"--net={vanisher.netns}", sys.executable, "-m", "kaobs.lab.client", "--spec",
              json.dumps(vanisher_spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=client_env, text=True,
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

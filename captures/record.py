@@ -15,7 +15,7 @@ tcpdump, and the tests judge the result with the same `must_show` assertions
 as the committed files.
 
 One recording, start to end (bounded in time, all on this machine):
-  1. `kaobs.labenv.LabEnvironment`: an internal Docker network of its own
+  1. `kaobs.lab.docker.LabEnvironment`: an internal Docker network of its own
      labelled kaobs.lab=capt-<random>, the server (kaobs/postgres:15-local,
      `postgres --tcp_keepalives_idle=3 ...`, `--sysctl`s), and the client's
      network namespace (a `sleep` container of the same image);
@@ -24,7 +24,7 @@ One recording, start to end (bounded in time, all on this machine):
   3. tcpdump, the standard tool and not kaobs's own capture code (so the tests
      read files kaobs did not write), on the lab bridge or on `-i any -y
      LINUX_SLL2`, filtered on the server's address and port, snaplen 128;
-  4. the psycopg client `kaobs.labclient` in the client's namespace (via
+  4. the psycopg client `kaobs.lab.client` in the client's namespace (via
      nsenter): it opens the sessions, applies their settings, then idles for
      `hold` seconds (or until the end) and drops its sockets;
   5. "the client vanishes" at `vanish_after` seconds after the client is idle:
@@ -58,19 +58,21 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
-from analysis.model import CLIENT  # noqa: E402
-from kaobs.labenv import (  # noqa: E402
-    FAULT_CLIENT_VANISHES,
-    FAULT_NONE,
+from analysis.settings import CLIENT  # noqa: E402
+from kaobs.lab.docker import (  # noqa: E402
     IMAGE_ENV,
     LOCAL_IMAGE,
     LabEnvironment,
-    LabError,
-    Scenario,
-    Session,
     docker,
     labels,
     nsenter,
+)
+from kaobs.lab.scenario import (  # noqa: E402
+    FAULT_CLIENT_VANISHES,
+    FAULT_NONE,
+    LabError,
+    Scenario,
+    Session,
 )
 from sniffer.pcapwrite import strip_payloads  # noqa: E402
 

@@ -1,84 +1,31 @@
 """The `kaobs` command: a thin layer of options over `sniffer` and `analysis`.
 
-Every user error ends here as one line on stderr and exit code 2; a
-contradiction between the settings and the packets is exit code 1.
+Every user error ends here as one line on stderr and exit status 2; a
+contradiction between the settings and the packets is 1 (`kaobs.status`).
 """
 from __future__ import annotations
 
-import json
 import sys
 from typing import Sequence
 
 import click
 from rich.console import Console
 
-from analysis.analyze import judge_all, judge_in_order
-from analysis.expect import Expectations, ExpectationError, build_expectations
-from analysis.model import KeepaliveModel
-from analysis.report import AnalysisRun, exit_code, render_text, to_json, write_json_streamed
-from analysis.spool import ConnectionSpool, connections_in_order
+from analysis.pipeline import Analysis, AnalysisRun
+from kaobs.lab.command import lab
+from kaobs.options import UserError, expectation_options, fail, make_expectations
+from kaobs.report import (
+    echo_json,
+    render_text,
+    text_console,
+    to_json,
+    write_json_streamed,
+)
+from kaobs.spool import ConnectionSpool
+from kaobs.status import ExitStatus, exit_status
+from kaobs.watch import watch
 from sniffer.pcapfile import CaptureReader
 from sniffer.records import CaptureError
-
-EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit 2."""
-
-
-def fail(message: str) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
-    click.echo(f"kaobs: error: {message}", err=True)
-    sys.exit(EXIT_USAGE)
-
-
-def expectation_options(function):
-    """--expect/--client-dsn/--sysctl/--port/--hz, shared by analyze, watch and lab."""
-    options = [
-        click.option("--expect", "expect", multiple=True, metavar="GUC=VALUE",
-                     help="Server setting to check, with Postgres' GUC name and units: tcp_keepalives_idle, "
-                          "tcp_keepalives_interval, tcp_keepalives_count, tcp_user_timeout. Repeatable."),
-        click.option("--client-dsn", metavar="CONNINFO",
-                     help="The client's libpq connection string (key=value or URI); only keepalive parameters are "
-                          "used, the password is never printed."),
-        click.option("--sysctl", "sysctls", multiple=True, metavar="[server:|client:]NAME=N",
-                     help="Kernel defaults used where a setting is 0 or unset, e.g. net.ipv4.tcp_keepalive_time=600."),
-        click.option("--port", "ports", multiple=True, type=click.IntRange(1, 65535), default=(5432,), show_default=True,
-                     help="Server port; says which side is the server. Repeatable."),
-        click.option("--hz", type=click.Choice(["100", "250", "300", "1000"]), default="250", show_default=True,
-                     help="Kernel HZ of the probing hosts: sets the timer-wheel tolerance."),
-        click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text", show_default=True),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
-
-
-def make_expectations(expect: Sequence[str], client_dsn: str | None, sysctls: Sequence[str]) -> Expectations:
-    try:
-        from analysis.pgmeta import apply_session_options  # the client DSN's options=-c set the server's GUCs
-
-        return apply_session_options(build_expectations(expect, client_dsn, sysctls), client_dsn)[0]
-    except ExpectationError as error:
-        raise UserError(str(error)) from None
-
-
-def echo_json(document: object) -> None:
-    """Print `document` as `json.dumps(document, indent=1)` would, without building the whole string.
-
-    The encoder with indent yields a million small pieces for a big report;
-    joining them all at once doubled the peak memory of `kaobs analyze`.
-    """
-    out = sys.stdout
-    pieces: list[str] = []
-    for piece in json.JSONEncoder(indent=1).iterencode(document):
-        pieces.append(piece)
-        if len(pieces) >= 16384:
-            out.write("".join(pieces))
-            pieces.clear()
-    pieces.append("\n")
-    out.write("".join(pieces))
-    out.flush()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -110,56 +57,55 @@ def analyze(captures: tuple[str, ...], expect, client_dsn, sysctls, ports, hz, o
         run.warnings.append(message)
         err.print(f"kaobs: warning: {message}", style="yellow", markup=False)
 
-    # Without --dsn (whose reading needs every report at once), ended connections
-    # go to a spool on disk as the capture is read: memory stays bounded by the
-    # connections alive at a time, whatever the number of connections.
+    # Ended connections go to a spool on disk as the capture is read: memory stays bounded by the
+    # connections alive at a time. With --dsn every report is held: the matching needs them together.
     spool = ConnectionSpool() if dsn is None else None
-    model = KeepaliveModel(ports, retired=spool)
-    for path in captures:
-        try:
-            reader = CaptureReader(path, warn=warn)
-            model.feed_records(reader.records())  # the fast form of `for segment in reader: feed(segment)`
-        except CaptureError as error:
-            raise UserError(str(error)) from None
-        stats = reader.stats
-        run.packets += stats.packets
-        run.segments += stats.segments
-        run.duplicates += stats.duplicates
-    model.finish()
-    run.ignored_segments = model.segments_ignored
-    run.capture_start, run.capture_end = model.first_t, model.last_t
-    postgres = None
-    if dsn is not None:  # after the capture: sessions and settings as they are now
-        from kaobs.pgsource import read_for_analysis
+    analysis = Analysis(ports, retired=spool, hz=int(hz))
+    try:
+        for path in captures:
+            try:
+                reader = CaptureReader(path, warn=warn)
+                analysis.feed(reader.records())
+            except CaptureError as error:
+                raise UserError(str(error)) from None
+            stats = reader.stats
+            run.packets += stats.packets
+            run.segments += stats.segments
+            run.duplicates += stats.duplicates
+        analysis.finish()
+        model = analysis.model
+        run.ignored_segments = model.segments_ignored
+        run.capture_start, run.capture_end = model.first_t, model.last_t
+        postgres = None
+        if dsn is not None:  # after the capture: sessions and settings as they are now
+            from kaobs.postgres import Postgres
 
-        expectations, postgres = read_for_analysis(
-            dsn, expectations, sysctls, server_container, lambda line: click.echo(f"kaobs: error: {line}", err=True))
-    if spool is not None:
-        with spool:
-            reports = judge_in_order(connections_in_order(model, spool), expectations, model.capture_end, run.hz)
+            postgres = Postgres.read(dsn, expectations, sysctls, server_container,
+                                     say_error=lambda line: click.echo(f"kaobs: error: {line}", err=True))
+            expectations = postgres.expectations
+        reports = analysis.reports(expectations)
+        if postgres is None:
             if output_format == "json":
                 counts = write_json_streamed(sys.stdout, run, reports, expectations)
             else:
-                counts = render_text(Console(highlight=False, width=None if sys.stdout.isatty() else 200), run,
-                                     reports, expectations)
-        sys.exit(1 if counts["mismatch"] else 0)  # as exit_code(reports)
-    reports = judge_all(model, expectations, model.capture_end, run.hz)
-    view = postgres.finish(reports) if postgres is not None else None
-    if output_format == "json":
-        echo_json(to_json(run, reports, expectations, view))
-    else:
-        render_text(Console(highlight=False, width=None if sys.stdout.isatty() else 200), run, reports, expectations,
-                    view)
-    sys.exit(postgres.exit_code(reports) if postgres is not None else exit_code(reports))
+                counts = render_text(text_console(), run, reports, expectations)
+            sys.exit(exit_status(counts))
+        held = list(reports)
+        view = postgres.finish(held)
+        if output_format == "json":
+            document = to_json(run, held, expectations, view)
+            echo_json(document)
+            counts = document["summary"]
+        else:
+            counts = render_text(text_console(), run, held, expectations, view)
+        sys.exit(exit_status(counts, view))
+    finally:
+        if spool is not None:
+            spool.close()
 
 
-from kaobs.watch import watch_command  # noqa: E402 - after the helpers kaobs.watch uses
-
-main.add_command(watch_command())
-
-from kaobs.lab import lab_command  # noqa: E402 - after the helpers kaobs.lab uses
-
-main.add_command(lab_command())
+main.add_command(watch)
+main.add_command(lab)
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -168,7 +114,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         main.main(args=list(argv) if argv is not None else None, standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as error:  # pragma: no cover - click >= 8.2
         click.echo(error.ctx.get_help() if error.ctx else str(error))
-        return EXIT_USAGE
+        return ExitStatus.ERROR
     except click.UsageError as error:
         fail(error.format_message().replace("\n", " "))
     except click.Abort:
@@ -177,7 +123,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         fail(str(error))
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    return EXIT_OK
+    return ExitStatus.OK
 
 
 def entry() -> None:

@@ -1,4 +1,4 @@
-"""What `kaobs watch` shows while packets come: pure rendering of the model's state.
+"""What `kaobs watch` shows while packets come: rendering of the model's state for a terminal or a log.
 
 Two forms, both built here from the model, the `LiveMonitor` and a time
 ("now", the capture clock) so they can be tested without a network:
@@ -13,7 +13,6 @@ Nothing here reads a clock, a socket or a terminal.
 """
 from __future__ import annotations
 
-import datetime as _dt
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -22,23 +21,17 @@ from rich.table import Table
 from rich.text import Text
 
 from analysis.expect import Expectations
-from analysis.live import Alarm, LiveMonitor
-from analysis.model import CLIENT, SERVER, Connection, KeepaliveModel, ModelEvent
-from analysis.report import VERDICT_STYLE
-from analysis.timers import DEFAULT_HZ
+from analysis.model import END_REASONS, WINDOW, Connection, KeepaliveModel, ModelEvent
+from analysis.outlook import Alarm, LiveMonitor
+from analysis.settings import CLIENT, SERVER
+from analysis.tolerance import DEFAULT_HZ
 from analysis.verdict import judge_connection
+from analysis.words import local_clock
+from kaobs.report import VERDICT_STYLE
 
 MAX_ROWS = 20
 """Connections shown in the terminal view; the rest are counted in one line."""
 RECENT_LINES = 8
-
-
-def wall_clock(t: float | None, millis: bool = True) -> str:
-    """Local wall-clock time of a capture timestamp: what someone watching compares with."""
-    if t is None:
-        return "-"
-    text = _dt.datetime.fromtimestamp(t).strftime("%H:%M:%S.%f")
-    return text[:-3] if millis else text[:-7]
 
 
 def connection_name(conn: Connection) -> str:
@@ -48,7 +41,7 @@ def connection_name(conn: Connection) -> str:
 def event_line(event: ModelEvent) -> str | None:
     """One plain line for a model event, or None for events not worth a line."""
     conn = event.connection
-    when = wall_clock(event.t)
+    when = local_clock(event.t)
     side = event.side
     if event.kind == "connection":
         # Lines are made after the segment was fed, so saw_syn is already known.
@@ -56,7 +49,7 @@ def event_line(event: ModelEvent) -> str | None:
         return f"{when} {connection_name(conn)} {how}"
     if event.kind == "probe" and event.probe is not None:
         probe = event.probe
-        if probe.kind == "window":
+        if probe.kind == WINDOW:
             return f"{when} #{conn.index} {side} zero-window probe (persist timer, not keepalive)"
         since = ""
         if probe.since_accepted is not None:
@@ -79,7 +72,7 @@ def event_line(event: ModelEvent) -> str | None:
 
 def alarm_line(alarm: Alarm, now: float) -> str:
     """An alarm as one line, stamped with the wall-clock time it was raised."""
-    return f"{wall_clock(now)} ALARM #{alarm.connection.index} {alarm.message}"
+    return f"{local_clock(now)} ALARM #{alarm.connection.index} {alarm.message}"
 
 
 # -- terminal view ------------------------------------------------------------
@@ -122,7 +115,7 @@ def live_table(
         heading.append(f"#{conn.index} ", style="bold")
         heading.append(f"{conn.client.endpoint} -> {conn.server.endpoint}  ")
         heading.append(_state_words(conn), style="" if conn.end_reason == "open" else "dim")
-        heading.append(f", last packet {wall_clock(conn.end, millis=False)} ({_ago(now - conn.end)})  so far: ")
+        heading.append(f", last packet {local_clock(conn.end, millis=False)} ({_ago(now - conn.end)})  so far: ")
         heading.append(verdict.upper(), style=VERDICT_STYLE.get(verdict, ""))
         parts.append(heading)
         table = Table(box=None, padding=(0, 2, 0, 0), show_edge=False, header_style="dim", expand=False)
@@ -183,19 +176,14 @@ def chosen_connections(connections: Sequence[Connection], limit: int) -> list[Co
 
 
 def _state_words(conn: Connection) -> str:
-    return {
-        "open": "open",
-        "closed": "closed (FIN)",
-        "reset": "reset (RST)",
-        "keepalive_abort": "aborted by keepalive",
-    }.get(conn.end_reason, conn.end_reason)
+    return END_REASONS.get(conn.end_reason, conn.end_reason)
 
 
 def _due(t: float | None, now: float) -> str:
     if t is None:
         return "-"
     delta = t - now
-    when = wall_clock(t, millis=False)
+    when = local_clock(t, millis=False)
     return f"{when} (in {delta:.1f} s)" if delta >= 0 else f"{when} ({-delta:.1f} s ago)"
 
 

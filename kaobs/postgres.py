@@ -1,7 +1,9 @@
-"""Reading the Postgres server with psycopg: settings, sessions, and whether a backend is gone.
+"""The Postgres server beside the packets (``--dsn``): settings, sessions, and whether a backend is gone.
 
-The I/O edge of `analysis.pgmeta`: everything here connects, queries or
-reads files and hands plain records to the pure code there.
+The I/O edge of `analysis.pgsettings` and `analysis.pgsessions`: everything
+here connects, queries or reads files and hands plain records to the pure
+code there. `Postgres` is the one object `kaobs analyze` and `kaobs watch`
+use; `MonitoringSession` is its psycopg connection.
 
 The monitoring account needs no superuser rights, only
 
@@ -22,35 +24,35 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-from analysis.expect import ExpectationError, Expectations, KernelDefaults, parse_conninfo, parse_sysctls, redact_dsn
-from analysis.pgmeta import (
-    GUCS,
+from analysis.conninfo import SECRET_KEYWORDS, parse_conninfo, redact_dsn
+from analysis.expect import Expectations
+from analysis.kernel_defaults import KernelDefaults, parse_sysctls
+from analysis.model import Connection
+from analysis.pgsessions import (
     AbortCheck,
     Backend,
     BackendTracker,
-    GucReading,
-    KernelReading,
     PostgresView,
     ServerInfo,
     abort_checks,
     match_connections,
     normalize_address,
-    server_expectation,
     session_notes,
     staleness_warning,
+)
+from analysis.pgsettings import (
+    GucReading,
+    KernelReading,
+    server_expectation,
     unix_socket_reason,
 )
-from analysis.model import Connection
+from analysis.settings import GUC_NAMES, NAMESPACE_DEFAULTS, ExpectationError
 from analysis.verdict import ConnectionReport
 
 DEFAULT_CONNECT_TIMEOUT_S = 5
 MONITOR_ROLES = ("pg_read_all_settings", "pg_read_all_stats")
-SYSCTL_FILES = {
-    "keepalive_time": "/proc/sys/net/ipv4/tcp_keepalive_time",
-    "keepalive_intvl": "/proc/sys/net/ipv4/tcp_keepalive_intvl",
-    "keepalive_probes": "/proc/sys/net/ipv4/tcp_keepalive_probes",
-}
-_SECRET_KEYS = ("password", "sslpassword")
+SYSCTL_FILES = {s.kernel_field: s.proc_path for s in NAMESPACE_DEFAULTS}
+"""Where each keepalive sysctl of a network namespace is read."""
 
 
 class PostgresError(Exception):
@@ -100,7 +102,7 @@ def _scrub(text: str, secrets: Iterable[str]) -> str:
 
 
 @dataclass
-class PostgresSource:
+class MonitoringSession:
     """One monitoring connection to the server, over TCP only.
 
     ``connect_timeout`` applies when the DSN and PGCONNECT_TIMEOUT do not
@@ -129,10 +131,10 @@ class PostgresSource:
             params = {k: str(v) for k, v in conninfo_to_dict(self.dsn).items() if v is not None}
         except Exception:  # noqa: BLE001 - libpq's message may quote a piece of a password
             raise PostgresError(f"--dsn {self.redacted}: libpq cannot parse this connection string") from None
-        self._secrets = tuple(params[k] for k in _SECRET_KEYS if params.get(k))
+        self._secrets = tuple(params[k] for k in SECRET_KEYWORDS if params.get(k))
         return params
 
-    def connect(self) -> "PostgresSource":
+    def connect(self) -> "MonitoringSession":
         """Connect (refusing a Unix socket before and after); raises PostgresError."""
         import psycopg
 
@@ -180,7 +182,7 @@ class PostgresSource:
             finally:
                 self._conn = None
 
-    def __enter__(self) -> "PostgresSource":
+    def __enter__(self) -> "MonitoringSession":
         return self.connect() if self._conn is None else self
 
     def __exit__(self, *exc) -> None:
@@ -218,7 +220,7 @@ class PostgresSource:
         """The keepalive GUCs from pg_settings: reset_val (server-wide), setting (this TCP session), source."""
         rows = self._query(
             "SELECT name, reset_val, setting, source, sourcefile, sourceline FROM pg_settings "
-            "WHERE name = ANY(%s) ORDER BY name", (list(GUCS),))
+            "WHERE name = ANY(%s) ORDER BY name", (list(GUC_NAMES),))
         readings = []
         for name, reset_val, setting, source, sourcefile, sourceline in rows:
             readings.append(GucReading(name, int(reset_val), int(setting) if setting is not None else None, source,
@@ -234,7 +236,7 @@ class PostgresSource:
             "query = '<insufficient privilege>' "
             "FROM pg_stat_activity WHERE backend_type = 'client backend' "
             "OR (backend_type IS NULL AND query = '<insufficient privilege>')",  # others' rows hide their type too
-            (list(GUCS),))
+            (list(GUC_NAMES),))
         return [Backend(pid, user, db, app, addr, hostname, port, start, state, change, tuple(mentions or ()),
                         bool(hidden))
                 for pid, user, db, app, addr, hostname, port, start, state, change, mentions, hidden in rows]
@@ -315,136 +317,38 @@ def is_local_address(address: str | None) -> bool:
         return False
 
 
-# -- what `kaobs analyze --dsn` does ------------------------------------------------------
+# -- the one object analyze and watch use ----------------------------------------------------
 
 
-@dataclass
-class ServerSnapshot:
-    """One reading of the server for `kaobs analyze`: settings now, sessions now."""
+class Postgres:
+    """The database beside the packets (``--dsn``), for `kaobs analyze` and `kaobs watch` alike.
 
-    view: PostgresView
-    expectations: Expectations
-    backends: list[Backend] | None = None
+    `Postgres.read` connects, reads the keepalive settings (they become the
+    server side's expectations: `expectations`) and the sessions. When the
+    server cannot be reached or read, the error is one line (`view.error`)
+    and the packets are analysed without it. After the capture, `finish`
+    names each connection after its backend, adds per-session notes and
+    checks, for each connection the server aborted by keepalive, whether its
+    backend is gone.
 
-    def annotate(self, reports: Sequence[ConnectionReport]) -> PostgresView:
-        """Name the connections, add per-session notes and the dead-backend checks to the view."""
-        view = self.view
-        if self.backends is None:
-            return view
-        connections = [r.connection for r in reports]
-        stale = staleness_warning(max((c.end for c in connections), default=None),
-                                  view.server.read_at if view.server is not None else None)
-        if stale is not None:
-            view.warnings.append(stale)
-        view.connections = match_connections(connections, self.backends, view.server)
-        for index, notes in session_notes(reports, self.expectations.server, view.connections).items():
-            view.connections[index].notes.extend(notes)
-        checked = view.server.read_at if view.server is not None else None
-        for index, check in abort_checks(reports, self.backends, checked).items():
-            view.connections[index].after_abort = check
-        return view
-
-
-def read_server(
-    dsn: str,
-    expectations: Expectations,
-    sysctls: Sequence[str] = (),
-    container: str | None = None,
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
-    source: PostgresSource | None = None,
-) -> ServerSnapshot:
-    """Connect, read settings and sessions, and close; the server side of `expectations` comes from the server.
-
-    With `source` (connected) it is used and left open.  Raises PostgresError
-    (one line) when the server cannot be reached or read; the caller still
-    runs the packet analysis.
-    """
-    user_kernel, _ = parse_sysctls(sysctls) if sysctls else (KernelDefaults(), None)
-    container_kernel, container_addresses = _read_container(container) if container else (None, set())
-    own = source is None
-    source = source or PostgresSource(dsn, connect_timeout=connect_timeout).connect()
-    view = PostgresView(dsn=source.redacted)
-    try:
-        server = source.server_info()
-        readings = source.read_settings()
-        backends = source.poll_backends()
-    finally:
-        if own:
-            source.close()
-    view.server, view.settings, view.backends = server, readings, backends
-    if container_kernel is not None and normalize_address(server.address) not in container_addresses:
-        view.warnings.append(f"--container {container} is not the server the DSN reaches ({server.address} is not one "
-                             f"of its addresses {', '.join(sorted(container_addresses)) or 'none'}): its sysctls are "
-                             "not used")
-        container_kernel = None
-    for role in server.missing_roles:
-        view.warnings.append(f"the monitoring role is not a member of {role}: "
-                             + ("some settings may be hidden" if role == "pg_read_all_settings"
-                                else "other roles' sessions show no client address (GRANT pg_read_all_stats)"))
-    local = read_local_kernel() if container is None and is_local_address(server.address) else None
-    side, lines, warnings = server_expectation(readings, expectations.server, user_kernel, container_kernel, local)
-    view.setting_lines, view.warnings = lines, view.warnings + warnings
-    return ServerSnapshot(view, Expectations(side, expectations.client), backends)
-
-
-@dataclass
-class AnalysisPostgres:
-    """`kaobs analyze --dsn`: the database reading, or the one-line error that replaced it."""
-
-    snapshot: ServerSnapshot | None
-    view: PostgresView
-
-    @property
-    def failed(self) -> bool:
-        return self.view.error is not None
-
-    def finish(self, reports: Sequence[ConnectionReport]) -> PostgresView:
-        return self.snapshot.annotate(reports) if self.snapshot is not None else self.view
-
-    def exit_code(self, reports: Sequence[ConnectionReport]) -> int:
-        """2 when the database could not be read (the report is still printed); else 1 for a mismatch or a
-        backend that outlived its connection's abort; else 0."""
-        if self.failed:
-            return 2
-        if any(r.verdict == "mismatch" for r in reports) or self.view.outlived():
-            return 1
-        return 0
-
-
-def read_for_analysis(
-    dsn: str,
-    expectations: Expectations,
-    sysctls: Sequence[str],
-    container: str | None,
-    say_error: Callable[[str], None],
-) -> tuple[Expectations, AnalysisPostgres]:
-    """Read the server for `kaobs analyze`; on failure say one line and go on with the packets alone."""
-    try:
-        snapshot = read_server(dsn, expectations, sysctls, container)
-    except PostgresError as error:
-        message = str(error)
-        say_error(message)
-        return expectations, AnalysisPostgres(None, PostgresView(dsn=redact_dsn(dsn), error=message))
-    return snapshot.expectations, AnalysisPostgres(snapshot, snapshot.view)
-
-
-class LivePostgres:
-    """`kaobs watch --dsn`: the database beside the live capture.
-
-    Call :meth:`tick` from the capture loop as often as you like (it queries
-    at most every `poll_every` seconds): it names new connections after their
-    backend while they are alive (so that their pid is known after an
-    abort) and, for each connection the server aborted by keepalive, checks
-    (one query per tick, for at most `confirm_timeout` seconds) whether the
-    backend left pg_stat_activity.  :meth:`finish` gives the view for the
-    final report.  A database error during watching becomes a warning in the
-    view, never an exception in the capture loop.
+    Live (`live=True`, `kaobs watch --dsn`) the monitoring session stays open:
+    call `tick` from the capture loop as often as you like (it queries at
+    most every `poll_every` seconds). It names new connections after their
+    backend while they are alive, so that their pid is known after an abort,
+    and for each connection the server aborted by keepalive checks (one
+    query per tick, for at most `confirm_timeout` seconds) whether the
+    backend left pg_stat_activity. A database error while watching becomes a
+    warning in the view, never an exception in the capture loop.
     """
 
-    def __init__(self, source: PostgresSource, snapshot: ServerSnapshot, poll_every: float = 1.0,
-                 confirm_timeout: float = 5.0, clock: Callable[[], float] = time.time) -> None:
-        self.source = source
-        self.snapshot = snapshot
+    def __init__(self, dsn: str, expectations: Expectations, view: PostgresView, *,
+                 session: MonitoringSession | None = None, backends: list[Backend] | None = None,
+                 poll_every: float = 1.0, confirm_timeout: float = 5.0, clock: Callable[[], float] = time.time) -> None:
+        self.dsn = dsn
+        self.expectations = expectations
+        self.view = view
+        self.session = session
+        self.backends = backends
         self.poll_every = poll_every
         self.confirm_timeout = confirm_timeout
         self.clock = clock
@@ -455,25 +359,63 @@ class LivePostgres:
         self._failed = False
 
     @classmethod
-    def start(cls, dsn: str, expectations: Expectations, sysctls: Sequence[str] = (), container: str | None = None,
-              **kwargs) -> tuple[Expectations, "LivePostgres"]:
-        """Read the settings (server-side expectations) and keep a connection open; raises PostgresError."""
-        source = PostgresSource(dsn).connect()
+    def read(cls, dsn: str, expectations: Expectations, sysctls: Sequence[str] = (), container: str | None = None,
+             *, live: bool = False, say_error: Callable[[str], None] | None = None,
+             connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S, **options) -> "Postgres":
+        """Read the server now; with `live`, keep the monitoring session open for `tick`.
+
+        On failure: with `say_error`, say the one line and return a Postgres
+        whose `view.error` holds it (the caller goes on with the packets
+        alone); without, raise PostgresError.
+        """
         try:
-            snapshot = read_server(dsn, expectations, sysctls, container, source=source)
-        except BaseException:
-            source.close()
-            raise
-        return snapshot.expectations, cls(source, snapshot, **kwargs)
+            user_kernel, _ = parse_sysctls(sysctls) if sysctls else (KernelDefaults(), None)
+            container_kernel, container_addresses = _read_container(container) if container else (None, set())
+            session = MonitoringSession(dsn, connect_timeout=connect_timeout).connect()
+            try:
+                server = session.server_info()
+                readings = session.read_settings()
+                backends = session.poll_backends()
+            except BaseException:
+                session.close()
+                raise
+        except PostgresError as error:
+            if say_error is None:
+                raise
+            message = str(error)
+            say_error(message)
+            return cls(dsn, expectations, PostgresView(dsn=redact_dsn(dsn), error=message), **options)
+        if not live:
+            session.close()
+        view = PostgresView(dsn=session.redacted, server=server, settings=readings, backends=backends)
+        if container_kernel is not None and normalize_address(server.address) not in container_addresses:
+            view.warnings.append(f"--container {container} is not the server the DSN reaches ({server.address} is not "
+                                 f"one of its addresses {', '.join(sorted(container_addresses)) or 'none'}): its "
+                                 "sysctls are not used")
+            container_kernel = None
+        for role in server.missing_roles:
+            view.warnings.append(f"the monitoring role is not a member of {role}: "
+                                 + ("some settings may be hidden" if role == "pg_read_all_settings"
+                                    else "other roles' sessions show no client address (GRANT pg_read_all_stats)"))
+        local = read_local_kernel() if container is None and is_local_address(server.address) else None
+        side, lines, warnings = server_expectation(readings, expectations.server, user_kernel, container_kernel, local)
+        view.setting_lines, view.warnings = lines, view.warnings + warnings
+        return cls(dsn, Expectations(side, expectations.client), view, session=session if live else None,
+                   backends=backends, **options)
+
+    @property
+    def failed(self) -> bool:
+        """The database could not be read at all (the report says why, the exit status is 2)."""
+        return self.view.error is not None
 
     def _warn(self, message: str) -> None:
         if not self._failed:
             self._failed = True
-            self.snapshot.view.warnings.append(f"while watching: {message}")
+            self.view.warnings.append(f"while watching: {message}")
 
     def tick(self, connections: Sequence[Connection], now: float | None = None) -> list[AbortCheck]:
         """Poll (rate-limited); returns the AbortChecks settled in this call, for the live view to show."""
-        if self._failed:
+        if self.session is None or self._failed:
             return []
         now = self.clock() if now is None else now
         if now - self._last_poll < min(self.poll_every, 0.2 if self._pending else self.poll_every):
@@ -481,9 +423,9 @@ class LivePostgres:
         self._last_poll = now
         settled: list[AbortCheck] = []
         try:
-            backends = self.source.poll_backends()
-            self.snapshot.backends = backends
-            self.tracker.update(connections, backends, self.snapshot.view.server)
+            backends = self.session.poll_backends()
+            self.backends = backends
+            self.tracker.update(connections, backends, self.view.server)
             alive = {b.pid for b in backends}
             for conn in connections:
                 reset = conn.server.reset
@@ -512,17 +454,24 @@ class LivePostgres:
             self._warn(str(error))
         return settled
 
+    def tick_lines(self, connections: Sequence[Connection], now: float | None = None) -> list[str]:
+        """`tick` as lines for the live view: each backend checked after its connection's abort."""
+        return [f"postgres: {'FINDING ' if check.outlived else ''}{check.detail}" for check in self.tick(connections, now)]
+
     def finish(self, reports: Sequence[ConnectionReport]) -> PostgresView:
         """The view for the final report: names (now, or as last seen alive), notes, the backends after aborts."""
-        deadline = self.clock() + self.confirm_timeout
-        connections = [r.connection for r in reports]
-        while not self._failed and any(
-                r.connection.server.reset is not None and r.connection.server.reset.after_keepalive
-                and r.connection.index not in self.checks for r in reports) and self.clock() < deadline:
-            self._last_poll = float("-inf")
-            self.tick(connections)
-            time.sleep(0.2)
-        view = self.snapshot.annotate(reports)
+        if self.failed:
+            return self.view
+        if self.session is not None:
+            deadline = self.clock() + self.confirm_timeout
+            connections = [r.connection for r in reports]
+            while not self._failed and any(
+                    r.connection.server.reset is not None and r.connection.server.reset.after_keepalive
+                    and r.connection.index not in self.checks for r in reports) and self.clock() < deadline:
+                self._last_poll = float("-inf")
+                self.tick(connections)
+                time.sleep(0.2)
+        view = self._annotate(reports)
         for index, info in view.connections.items():
             tracked = self.tracker.backend(index)
             if info.backend is None and tracked is not None:
@@ -532,66 +481,24 @@ class LivePostgres:
                 info.after_abort = check
         return view
 
-    def close(self) -> None:
-        self.source.close()
-
-
-def start_live(
-    dsn: str, expectations: Expectations, sysctls: Sequence[str], container: str | None,
-    say_error: Callable[[str], None],
-) -> tuple[Expectations, LivePostgres | None, str | None]:
-    """`kaobs watch --dsn`: read the server and keep a connection for the watch; on failure one line, no database.
-
-    Returns (expectations, the LivePostgres or None, the error line or None).
-    The watch goes on without the database after an error, and exits 2 at
-    the end, like `kaobs analyze --dsn`.
-    """
-    try:
-        expectations, live = LivePostgres.start(dsn, expectations, sysctls, container)
-    except PostgresError as error:
-        say_error(str(error))
-        return expectations, None, str(error)
-    return expectations, live, None
-
-
-def live_lines(live: LivePostgres, connections: Sequence[Connection], now: float | None = None) -> list[str]:
-    """One tick of `live` as lines for the live view: each backend checked after its connection's abort."""
-    return [f"postgres: {'FINDING ' if check.outlived else ''}{check.detail}" for check in live.tick(connections, now)]
-
-
-@dataclass
-class WatchPostgres:
-    """`kaobs watch --dsn`: what the watch command needs, in four calls (on_tick, finish, exit_code, close)."""
-
-    dsn: str
-    live: LivePostgres | None
-    error: str | None
-
-    def on_tick(self, connections: Sequence[Connection], now: float) -> list[str]:
-        """For run_live's loop: lines to show (a backend gone, or a FINDING: one outlived its abort)."""
-        return live_lines(self.live, connections, now) if self.live is not None else []
-
-    def finish(self, reports: Sequence[ConnectionReport]) -> PostgresView:
-        if self.live is None:
-            return PostgresView(dsn=redact_dsn(self.dsn), error=self.error)
-        return self.live.finish(reports)
-
-    def exit_code(self, reports: Sequence[ConnectionReport], view: PostgresView) -> int:
-        """2 when the database could not be read (the report is still printed), else 1 for a mismatch or a
-        backend that outlived its connection's abort, else 0: as `kaobs analyze --dsn`."""
-        if self.error is not None:
-            return 2
-        return 1 if any(r.verdict == "mismatch" for r in reports) or view.outlived() else 0
+    def _annotate(self, reports: Sequence[ConnectionReport]) -> PostgresView:
+        """Name the connections, add per-session notes and the dead-backend checks to the view."""
+        view = self.view
+        if self.backends is None:
+            return view
+        connections = [r.connection for r in reports]
+        stale = staleness_warning(max((c.end for c in connections), default=None),
+                                  view.server.read_at if view.server is not None else None)
+        if stale is not None:
+            view.warnings.append(stale)
+        view.connections = match_connections(connections, self.backends, view.server)
+        for index, notes in session_notes(reports, self.expectations.server, view.connections).items():
+            view.connections[index].notes.extend(notes)
+        checked = view.server.read_at if view.server is not None else None
+        for index, check in abort_checks(reports, self.backends, checked).items():
+            view.connections[index].after_abort = check
+        return view
 
     def close(self) -> None:
-        if self.live is not None:
-            self.live.close()
-
-
-def watch_postgres(
-    dsn: str, expectations: Expectations, sysctls: Sequence[str], container: str | None,
-    say_error: Callable[[str], None],
-) -> tuple[Expectations, WatchPostgres]:
-    """Start the database side of `kaobs watch --dsn`; on failure one line, and the watch goes on without it."""
-    expectations, live, error = start_live(dsn, expectations, sysctls, container, say_error)
-    return expectations, WatchPostgres(dsn, live, error)
+        if self.session is not None:
+            self.session.close()

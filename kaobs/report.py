@@ -1,17 +1,19 @@
-"""Reports: one JSON document (a stable contract) and a text view for people.
+"""Reports: one JSON document (a stable contract) and a text view for people, rendered here and only here.
 
-Both are built from `ConnectionReport`s only, so `kaobs analyze` and the final
-report of `kaobs watch` print the same thing. The JSON layout is documented in
-README.md; keys are only ever added, never renamed or removed.
+Both are built from the judged connections (`ConnectionReport`s) and the
+run's `AnalysisRun`, so `kaobs analyze`, the final report of `kaobs watch` and
+`kaobs lab` print the same thing. The JSON layout is documented in README.md;
+keys are only ever added, never renamed or removed. A long report is written
+one connection at a time (`write_json_streamed`, `render_text`), so its size
+does not set the memory kaobs needs.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import shutil
+import sys
 import tempfile
-from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any, Iterable
+from typing import IO, Any, Iterable
 
 from rich.console import Console
 from rich.padding import Padding
@@ -19,11 +21,12 @@ from rich.table import Table
 from rich.text import Text
 
 from analysis.expect import Expectations, SideExpectation
-from analysis.model import CLIENT, SERVER
-from analysis.verdict import ConnectionReport, SideReport
-
-if TYPE_CHECKING:
-    from analysis.pgmeta import PostgresView
+from analysis.model import END_REASONS, KEEPALIVE, WINDOW
+from analysis.pgsessions import PostgresView
+from analysis.pipeline import AnalysisRun, tally
+from analysis.settings import CLIENT, SERVER, SETTINGS
+from analysis.verdict import VERDICTS, ConnectionReport, SideReport
+from analysis.words import utc_clock
 
 JSON_FORMAT_VERSION = 1
 TIMELINE_HEAD = 12
@@ -33,40 +36,14 @@ VERDICT_STYLE = {"match": "bold green", "mismatch": "bold red", "unverified": "y
 STATUS_STYLE = {"match": "green", "mismatch": "bold red", "unobservable": "yellow"}
 
 
-@dataclass(slots=True)
-class AnalysisRun:
-    """Everything a report needs besides the connections."""
-
-    sources: list[str]
-    packets: int = 0
-    segments: int = 0
-    duplicates: int = 0
-    ignored_segments: int = 0
-    capture_start: float | None = None
-    capture_end: float | None = None
-    warnings: list[str] = field(default_factory=list)
-    hz: int = 250
-    kernel_drops: int | None = None
-    """Live capture only: packets the kernel dropped before kaobs could read them (None for files)."""
-    capture_path: str | None = None
-    """Live capture only: how packets were read ("ring": mmap'd TPACKET_V3 ring, "socket": recvmsg per packet)."""
-
-
-def exit_code(reports: Iterable[ConnectionReport]) -> int:
-    """0 when nothing contradicts the expectations, 1 when something does."""
-    return 1 if any(r.verdict == "mismatch" for r in reports) else 0
-
-
 # -- JSON ---------------------------------------------------------------------
 
 
 def to_json(
     run: AnalysisRun, reports: list[ConnectionReport], expectations: Expectations | None,
-    postgres: "PostgresView | None" = None,
+    postgres: PostgresView | None = None,
 ) -> dict[str, Any]:
-    summary = {"connections": len(reports)}
-    for verdict in ("match", "mismatch", "unverified", "no_keepalive"):
-        summary[verdict] = sum(1 for r in reports if r.verdict == verdict)
+    summary = {"connections": len(reports), **tally(reports)}
     return _document(run, summary, expectations, postgres,
                      [_with_postgres(_connection_json(r), r, postgres) for r in reports])
 
@@ -81,7 +58,7 @@ def write_json_streamed(
     the verdict counts (for the exit code).
     """
     encoder = json.JSONEncoder(indent=1)
-    counts = dict.fromkeys(("match", "mismatch", "unverified", "no_keepalive"), 0)
+    counts = dict.fromkeys(VERDICTS, 0)
     total = 0
     with tempfile.TemporaryFile("w+", encoding="utf-8", prefix="kaobs-json-") as spool:
         for report in reports:
@@ -107,7 +84,7 @@ def write_json_streamed(
 
 def _document(
     run: AnalysisRun, summary: dict[str, int], expectations: Expectations | None,
-    postgres: "PostgresView | None", connections: list[dict[str, Any]],
+    postgres: PostgresView | None, connections: list[dict[str, Any]],
 ) -> dict[str, Any]:
     return {
         "kaobs": {"format": JSON_FORMAT_VERSION},
@@ -131,7 +108,7 @@ def _document(
     }
 
 
-def _with_postgres(out: dict[str, Any], report: ConnectionReport, postgres: "PostgresView | None") -> dict[str, Any]:
+def _with_postgres(out: dict[str, Any], report: ConnectionReport, postgres: PostgresView | None) -> dict[str, Any]:
     """The connection as Postgres knows it (`--dsn`); null without a database reading."""
     info = None if postgres is None else postgres.connections.get(report.connection.index)
     out["postgres"] = None if info is None else info.to_json()
@@ -148,7 +125,7 @@ def _side_expectation_json(side: SideExpectation) -> dict[str, Any] | None:
     if not side.judged():
         return None
     out: dict[str, Any] = {"enabled": side.enabled}
-    for key in ("idle", "interval", "count", "user_timeout"):
+    for key in (s.key for s in SETTINGS):
         setting = getattr(side, key)
         out[key] = None if setting.value is None else {"value": setting.value, "source": setting.source}
     return out
@@ -171,17 +148,18 @@ def _connection_json(report: ConnectionReport) -> dict[str, Any]:
 
 def _side_json(side: SideReport) -> dict[str, Any]:
     endpoint = side.endpoint
+    lost = {id(p) for p in side.lost_answers}
     probes = []
     for probe in endpoint.probes:
-        keepalive = probe.kind == "keepalive"
+        keepalive = probe.kind == KEEPALIVE
         probes.append(
             {
                 "frame": probe.frame,
                 "t": probe.t,
                 "kind": probe.kind,
-                "answered": (probe.answer_t is not None and not probe.answer_lost) if keepalive else None,
+                "answered": (probe.answer_t is not None and id(probe) not in lost) if keepalive else None,
                 "answer_t": probe.answer_t,
-                "answer_lost": probe.answer_lost if keepalive else None,
+                "answer_lost": (id(probe) in lost) if keepalive else None,
             }
         )
     observed = side.observed
@@ -212,14 +190,14 @@ def _side_json(side: SideReport) -> dict[str, Any]:
 
 def render_text(
     console: Console, run: AnalysisRun, reports: Iterable[ConnectionReport], expectations: Expectations | None,
-    postgres: "PostgresView | None" = None,
+    postgres: PostgresView | None = None,
 ) -> dict[str, int]:
     """The text report; `reports` may be a generator (read once). Returns the verdict counts."""
     for warning in run.warnings:
         console.print(Text(f"warning: {warning}", style="yellow"))
     if postgres is not None:
         render_postgres(console, postgres)
-    counts = dict.fromkeys(VERDICT_STYLE, 0)
+    counts = dict.fromkeys(VERDICTS, 0)
     total = 0
     for report in reports:
         render_connection(console, report, expectations, postgres=postgres)
@@ -235,23 +213,21 @@ def render_text(
 
 def render_connection(
     console: Console, report: ConnectionReport, expectations: Expectations | None, verbose: bool = False,
-    postgres: "PostgresView | None" = None,
+    postgres: PostgresView | None = None,
 ) -> None:
     conn = report.connection
     headline = Text()
     headline.append(f"#{conn.index} ", style="bold")
     headline.append(f"{conn.client.endpoint} -> {conn.server.endpoint}  ")
     headline.append(report.verdict.upper(), style=VERDICT_STYLE[report.verdict])
-    headline.append(f"  {_clock(conn.start)} .. {_clock(conn.end)} ({conn.end - conn.start:.3f} s), {_end_words(conn.end_reason)}")
+    headline.append(f"  {utc_clock(conn.start)} .. {utc_clock(conn.end)} ({conn.end - conn.start:.3f} s), {_end_words(conn.end_reason)}")
     if not conn.saw_syn:
         headline.append("  (began before the capture)", style="dim")
     console.print(headline)
     for line in timeline(report):
         console.print(Text("    " + line))
     if postgres is not None:
-        from analysis.pgmeta import connection_lines
-
-        for line, alarm in connection_lines(postgres, conn.index):
+        for line, alarm in postgres_connection_lines(postgres, conn.index):
             console.print(Text("    " + line, style="bold red" if alarm else ""))
     findings = [(side.role, f) for side in (report.server, report.client) for f in side.findings]
     if findings:
@@ -275,11 +251,9 @@ def render_connection(
     console.print()
 
 
-def render_postgres(console: Console, postgres: "PostgresView") -> None:
+def render_postgres(console: Console, postgres: PostgresView) -> None:
     """The server as read with --dsn: where each setting came from, and what could not be read."""
-    from analysis.pgmeta import server_lines
-
-    for line, style in server_lines(postgres):
+    for line, style in postgres_server_lines(postgres):
         console.print(Text(line, style=style))
     console.print()
 
@@ -295,13 +269,13 @@ def timeline(report: ConnectionReport) -> list[str]:
             probe = view.probe
             if probe.answer_t is None:
                 answer = "unanswered"
-            elif probe.answer_lost:
+            elif view.answer_lost:
                 answer = f"answer at +{probe.answer_t - t0:.3f} s lost before reaching the {side.role}"
             else:
                 answer = f"answered +{(probe.answer_t - probe.t) * 1000:.2f} ms"
             since = f", {probe.t - view.anchor:.3f} s after last accepted" if view.anchor is not None and view.index == 1 else ""
             events.append((probe.t, f"{side.role} keepalive probe #{view.index}{since}: {answer}"))
-        window_probes = [p for p in endpoint.probes if p.kind == "window"]
+        window_probes = [p for p in endpoint.probes if p.kind == WINDOW]
         if window_probes:
             first, last = window_probes[0], window_probes[-1]
             events.append(
@@ -322,17 +296,76 @@ def timeline(report: ConnectionReport) -> list[str]:
 
 
 def _end_words(reason: str) -> str:
-    return {
-        "open": "still open at the end of the capture",
-        "closed": "closed (FIN)",
-        "reset": "reset (RST)",
-        "keepalive_abort": "aborted by keepalive",
-    }.get(reason, reason)
-
-
-def _clock(t: float) -> str:
-    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+    return "still open at the end of the capture" if reason == "open" else END_REASONS.get(reason, reason)
 
 
 def _s(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f} s"
+
+
+def postgres_server_lines(view: PostgresView) -> list[tuple[str, str]]:
+    """(line, style) for the head of the text report: the server, where each setting came from, warnings."""
+    lines: list[tuple[str, str]] = []
+    if view.error is not None:
+        lines.append((f"postgres: {view.error}", "yellow"))
+        return lines
+    server = view.server
+    if server is not None:
+        lines.append((f"postgres: {server.address}:{server.port} (PostgreSQL {server.version}) via --dsn {view.dsn}; "
+                      f"settings and sessions read at {utc_clock(server.read_at)}", "bold"))
+    for line in view.setting_lines:
+        lines.append((f"  server {line}", ""))
+    for warning in view.warnings:
+        lines.append((f"  warning: {warning}", "yellow"))
+    return lines
+
+
+def postgres_connection_lines(view: PostgresView, index: int) -> list[tuple[str, bool]]:
+    """(line, is_finding) for one connection: its backend or why none, session notes, the backend after the abort."""
+    info = view.connections.get(index)
+    if info is None:
+        return []
+    lines: list[tuple[str, bool]] = []
+    backend = info.backend
+    if backend is not None:
+        host = f" ({backend.client_hostname})" if backend.client_hostname else ""
+        since = f" since {utc_clock(backend.state_change)}" if backend.state_change else ""
+        lines.append((f"postgres: backend pid {backend.pid}, user {backend.usename}, database {backend.datname}, "
+                      f"application_name {backend.application_name!r}{host}, started {utc_clock(backend.backend_start)}, "
+                      f"state {backend.state}{since}", False))
+    elif info.reason:
+        lines.append((f"postgres: not matched: {info.reason}", False))
+    for note in info.notes:
+        lines.append((f"postgres: {note}", False))
+    check = info.after_abort
+    if check is not None:
+        if check.outlived:
+            lines.append((f"postgres: FINDING {check.detail}", True))
+        elif check.status == "gone":
+            lines.append((f"postgres: after the server's keepalive abort: {check.detail}", False))
+        else:
+            lines.append((f"postgres: after the server's keepalive abort: unknown ({check.detail})", False))
+    return lines
+
+
+def text_console() -> Console:
+    """The console reports go to: the terminal's width, or no hard wrap below 200 columns in a pipe or file."""
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def echo_json(document: object, out: IO[str] | None = None) -> None:
+    """Print `document` as `json.dumps(document, indent=1)` would, without building the whole string.
+
+    The encoder with indent yields a million small pieces for a big report;
+    joining them all at once doubled the peak memory of `kaobs analyze`.
+    """
+    out = out or sys.stdout
+    pieces: list[str] = []
+    for piece in json.JSONEncoder(indent=1).iterencode(document):
+        pieces.append(piece)
+        if len(pieces) >= 16384:
+            out.write("".join(pieces))
+            pieces.clear()
+    pieces.append("\n")
+    out.write("".join(pieces))
+    out.flush()

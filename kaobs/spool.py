@@ -1,20 +1,20 @@
-"""A temporary file that holds ended connections, so `kaobs analyze` memory stays bounded.
+"""A temporary file that holds ended connections, so memory stays bounded whatever their number.
 
 A capture of an app that opens a connection per request holds hundreds of
 thousands of connections; keeping each one (endpoints, probes, quiet spans)
 in memory until the report is written grew `kaobs analyze` past 150 MB. A
-retiring `KeepaliveModel` hands ended connections to a `ConnectionSpool`,
-which pickles each onto disk and keeps only its offset and length (16 bytes);
-the report then reads them back one at a time, in index order.
+retiring `KeepaliveModel` hands ended connections to a `ConnectionSpool` (a
+`RetiredStore`), which pickles each onto disk and keeps only its offset and
+length (16 bytes); `analysis.pipeline.Analysis.connections` then reads them
+back one at a time, in index order.
 """
 from __future__ import annotations
 
 import pickle
 import tempfile
 from array import array
-from typing import Iterator
 
-from analysis.model import Connection, KeepaliveModel
+from analysis.model import Connection
 
 
 class ConnectionSpool:
@@ -59,18 +59,3 @@ class ConnectionSpool:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def connections_in_order(model: KeepaliveModel, spool: ConnectionSpool | None) -> Iterator[Connection]:
-    """Every connection the model followed, by index: the live ones from the model, the others from the spool.
-
-    A live connection wins over a spooled copy (one taken back after it was
-    retired, and still live).
-    """
-    live = {conn.index: conn for conn in model.connections}
-    for index in range(1, model.opened + 1):
-        conn = live.get(index)
-        if conn is None and spool is not None and spool.holds(index):
-            conn = spool.get(index)
-        if conn is not None:
-            yield conn

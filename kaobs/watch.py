@@ -1,7 +1,7 @@
 """`kaobs watch`: the keepalive model on live traffic, with alarms, until Ctrl-C or --duration.
 
-`run_live` is the reusable pipeline (the lab uses it too): packets from a
-`LiveCapture` are fed to the model as they arrive, `LiveMonitor` alarms are
+`run_live` is the live pipeline (the lab uses it too): records from a
+`LiveCapture` go to the analysis (`analysis.pipeline`) as they arrive, `LiveMonitor` alarms are
 checked several times a second, and the live view is drawn — a rich table on
 a terminal, one plain line per event otherwise, nothing on stdout with
 ``--format json`` (alarms then go to stderr). When it ends (duration, the
@@ -11,7 +11,6 @@ a terminal, one plain line per event otherwise, nothing on stdout with
 from __future__ import annotations
 
 import gc
-import json
 import os
 import signal
 import sys
@@ -23,14 +22,17 @@ import click
 from rich.console import Console
 from rich.live import Live
 
-from analysis.analyze import judge_all
 from analysis.expect import Expectations
-from analysis.live import LiveMonitor
-from analysis.live_view import LiveHeader, alarm_line, event_line, live_view, wall_clock
-from analysis.model import KeepaliveModel, ModelEvent
-from analysis.report import AnalysisRun, render_text, to_json, exit_code
+from analysis.model import ModelEvent
+from analysis.outlook import LiveMonitor
+from analysis.pipeline import Analysis, AnalysisRun
 from analysis.verdict import ConnectionReport
-from sniffer.live import LiveCapture
+from analysis.words import local_clock
+from kaobs.liveview import LiveHeader, alarm_line, event_line, live_view
+from kaobs.options import UserError, expectation_options, make_expectations
+from kaobs.report import echo_json, render_text, text_console, to_json
+from kaobs.status import exit_status
+from sniffer.capture import LiveCapture
 from sniffer.records import CaptureError
 
 ALARM_CHECK_S = 0.25
@@ -62,13 +64,14 @@ def run_live(
     `clock` is the capture's clock (kernel timestamps are wall-clock time);
     tests replay recorded segments with a clock of their own.
     """
-    console = console or Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+    console = console or text_console()
     err = Console(stderr=True, highlight=False)
     capture.open()
     started = capture.started or clock()
     deadline = None if duration is None else started + duration
     events: list[ModelEvent] = []
-    model = KeepaliveModel(ports, on_event=events.append)
+    analysis = Analysis(ports, on_event=events.append, hz=hz)
+    model = analysis.model
     monitor = LiveMonitor(model, expectations, hz)
     header = LiveHeader(title=title, interfaces=capture.interfaces, filter=capture.filter, started=started)
     mode = "json" if output_format == "json" else ("table" if console.is_terminal else "lines")
@@ -95,9 +98,6 @@ def run_live(
         live = Live(console=console, transient=False, auto_refresh=False)
         live.start()
     last_alarm_check = last_view = 0.0
-    # A ring capture hands over records: no TcpSegment per packet (see sniffer.ring).
-    feed_records = getattr(model, "feed_records", None)
-    read_records = capture.read_records if feed_records is not None and getattr(capture, "reads_records", False) else None
     # Tens of thousands of short-lived record tuples a second set off the cyclic GC hundreds of
     # times a second (~7 % of the per-packet cost); they hold no cycles. Collect rarely, and never
     # rescan what exists already (modules, the model's past).
@@ -110,12 +110,7 @@ def run_live(
             if deadline is not None and now >= deadline:
                 break
             wait = 0.1 if deadline is None else max(0.0, min(0.1, deadline - now))
-            if read_records is not None:
-                feed_records(read_records(wait))
-            else:
-                feed = model.feed
-                for segment in capture.read(wait):
-                    feed(segment)
+            analysis.feed(capture.read(wait))
             if events:
                 for event in events:
                     line = event_line(event)
@@ -143,7 +138,7 @@ def run_live(
         if live is not None:
             live.stop()
     end = clock()
-    model.finish(end)
+    analysis.finish(end)
     stats = capture.stats()
     run = AnalysisRun(sources=[f"live:{name}" for name in capture.interfaces], hz=hz)
     run.packets = stats.packets
@@ -164,10 +159,9 @@ def run_live(
             f"the kernel dropped {stats.drops} of {stats.kernel_packets} packets (receive buffer full): "
             "probes may be missing from this report")
     if mode == "lines":
-        say(f"{wall_clock(end)} stopped after {end - started:.1f} s: {stats.packets - stats.duplicates} packets, "
+        say(f"{local_clock(end)} stopped after {end - started:.1f} s: {stats.packets - stats.duplicates} packets, "
             f"{stats.segments} TCP segments, {len(model.connections)} connection(s)")
-    reports = judge_all(model, expectations, end, hz)
-    return run, reports
+    return run, list(analysis.reports(expectations, end))
 
 
 # -- the command -----------------------------------------------------------------
@@ -216,84 +210,77 @@ def set_priority(niceness: int) -> None:
         pass  # no autogroup scheduling: the process priority is all there is
 
 
-def watch_command() -> click.Command:
-    """The `watch` command, built on demand: kaobs.cli calls this after defining the helpers it shares.
+@click.command()
+@click.option("--interface", "-i", "interfaces", multiple=True, metavar="IF",
+              help="Capture on this interface (repeatable): a Docker bridge, a veth, lo, eth0.")
+@click.option("--container", metavar="NAME",
+              help="Capture the traffic of this Docker container (its bridge, filtered on its address).")
+@click.option("--network", metavar="NAME", help="Capture on this Docker network's bridge.")
+@expectation_options
+@click.option("--duration", type=click.FloatRange(min=0.1), metavar="S",
+              help="Stop after S seconds (default: until Ctrl-C or SIGTERM).")
+@click.option("--write", "write_path", metavar="FILE.pcap", type=click.Path(dir_okay=False),
+              help="Keep the capture in a pcap file: headers only unless --full-packets.")
+@click.option("--full-packets", is_flag=True, help="With --write, keep whole packets (query text, passwords!).")
+@click.option("--dsn", metavar="CONNINFO",
+              help="Read the server's settings and sessions over TCP: name connections, check backends after aborts.")
+@click.option("--nice", "niceness", type=click.IntRange(-20, 19), default=0, show_default=True, metavar="N",
+              help="Run at this scheduling priority (e.g. -10) so a saturated machine does not starve the capture.")
+def watch(interfaces, container, network, expect, client_dsn, sysctls, ports, hz, output_format,
+          duration, write_path, full_packets, dsn=None, niceness=0) -> None:
+    """Watch live Postgres traffic: probes, answers, aborts and alarms as they happen, then the report.
 
-    Building it at import time would make `import kaobs.watch` and
-    `import kaobs.cli` depend on which comes first.
+    Without --interface/--container/--network, captures on the Docker
+    bridges of running containers that listen on the Postgres port.
+    Exit 0 when nothing contradicts the expectations, 1 when something
+    does, 2 for bad usage or when capture is impossible.
     """
-    from kaobs.cli import UserError, expectation_options, make_expectations
+    from sniffer.discovery import DiscoveryError, find_target
 
-    @click.command()
-    @click.option("--interface", "-i", "interfaces", multiple=True, metavar="IF",
-                  help="Capture on this interface (repeatable): a Docker bridge, a veth, lo, eth0.")
-    @click.option("--container", metavar="NAME",
-                  help="Capture the traffic of this Docker container (its bridge, filtered on its address).")
-    @click.option("--network", metavar="NAME", help="Capture on this Docker network's bridge.")
-    @expectation_options
-    @click.option("--duration", type=click.FloatRange(min=0.1), metavar="S",
-                  help="Stop after S seconds (default: until Ctrl-C or SIGTERM).")
-    @click.option("--write", "write_path", metavar="FILE.pcap", type=click.Path(dir_okay=False),
-                  help="Keep the capture in a pcap file: headers only unless --full-packets.")
-    @click.option("--full-packets", is_flag=True, help="With --write, keep whole packets (query text, passwords!).")
-    @click.option("--dsn", metavar="CONNINFO",
-                  help="Read the server's settings and sessions over TCP: name connections, check backends after aborts.")
-    @click.option("--nice", "niceness", type=click.IntRange(-20, 19), default=0, show_default=True, metavar="N",
-                  help="Run at this scheduling priority (e.g. -10) so a saturated machine does not starve the capture.")
-    def watch(interfaces, container, network, expect, client_dsn, sysctls, ports, hz, output_format,
-              duration, write_path, full_packets, dsn=None, niceness=0) -> None:
-        """Watch live Postgres traffic: probes, answers, aborts and alarms as they happen, then the report.
+    expectations = make_expectations(expect, client_dsn, sysctls)
+    if full_packets and not write_path:
+        raise UserError("--full-packets only makes sense with --write FILE.pcap")
+    if os.geteuid() != 0:
+        raise UserError("live capture needs root (CAP_NET_RAW): run kaobs watch as root, or analyze a capture file")
+    try:
+        target = find_target(interfaces=interfaces, container=container, network=network, ports=ports)
+    except DiscoveryError as error:
+        raise UserError(str(error)) from None
+    postgres = None
+    if dsn is not None:
+        from kaobs.postgres import Postgres
 
-        Without --interface/--container/--network, captures on the Docker
-        bridges of running containers that listen on the Postgres port.
-        Exit 0 when nothing contradicts the expectations, 1 when something
-        does, 2 for bad usage or when capture is impossible.
-        """
-        from sniffer.discovery import DiscoveryError, find_target
-
-        expectations = make_expectations(expect, client_dsn, sysctls)
-        if full_packets and not write_path:
-            raise UserError("--full-packets only makes sense with --write FILE.pcap")
-        if os.geteuid() != 0:
-            raise UserError("live capture needs root (CAP_NET_RAW): run kaobs watch as root, or analyze a capture file")
-        try:
-            target = find_target(interfaces=interfaces, container=container, network=network, ports=ports)
-        except DiscoveryError as error:
-            raise UserError(str(error)) from None
-        postgres = None
-        if dsn is not None:
-            from kaobs.pgsource import watch_postgres
-
-            expectations, postgres = watch_postgres(
-                dsn, expectations, sysctls, container, lambda line: click.echo(f"kaobs: error: {line}", err=True))
-        if niceness:
-            set_priority(niceness)
-        stop = threading.Event()
-        capture = LiveCapture(target.interfaces, ports, write=write_path, full_packets=full_packets, hosts=target.hosts)
-        restore = install_stop_handlers(stop, capture.stop)
-        console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-        try:
-            with capture:
-                run, reports = run_live(
-                    capture, expectations=expectations, ports=ports, hz=int(hz), output_format=output_format,
-                    duration=duration, stop=stop, console=console, title=target.description,
-                    on_tick=postgres.on_tick if postgres is not None else None)
-        except CaptureError as error:
-            raise UserError(str(error)) from None
-        finally:
-            restore()
-        view = postgres.finish(reports) if postgres is not None else None
-        if postgres is not None:
-            postgres.close()
-        if output_format == "json":
-            click.echo(json.dumps(to_json(run, reports, expectations, view), indent=1))
-        else:
-            if not console.is_terminal:
-                console.print()
-            render_text(console, run, reports, expectations, view)
-            if write_path:
-                console.print(f"capture written to {write_path} ({'whole packets' if full_packets else 'headers only'})")
-        sys.exit(postgres.exit_code(reports, view) if postgres is not None and view is not None else exit_code(reports))
-
-    return watch
-
+        postgres = Postgres.read(dsn, expectations, sysctls, container, live=True,
+                                 say_error=lambda line: click.echo(f"kaobs: error: {line}", err=True))
+        expectations = postgres.expectations
+    if niceness:
+        set_priority(niceness)
+    stop = threading.Event()
+    capture = LiveCapture(target.interfaces, ports, write=write_path, full_packets=full_packets, hosts=target.hosts)
+    restore = install_stop_handlers(stop, capture.stop)
+    console = text_console()
+    try:
+        with capture:
+            run, reports = run_live(
+                capture, expectations=expectations, ports=ports, hz=int(hz), output_format=output_format,
+                duration=duration, stop=stop, console=console, title=target.description,
+                on_tick=postgres.tick_lines if postgres is not None else None)
+    except CaptureError as error:
+        raise UserError(str(error)) from None
+    finally:
+        restore()
+    view = None
+    if postgres is not None:
+        view = postgres.finish(reports)
+        postgres.close()
+    if output_format == "json":
+        document = to_json(run, reports, expectations, view)
+        echo_json(document)
+        counts = document["summary"]
+    else:
+        if not console.is_terminal:
+            console.print()
+        counts = render_text(console, run, reports, expectations, view)
+        if write_path:
+            console.print(f"capture written to {write_path} ({'whole packets' if full_packets else 'headers only'})")
+    sys.exit(exit_status(counts, view))

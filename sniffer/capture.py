@@ -1,4 +1,4 @@
-"""Live capture: TCP segments off one or more interfaces, as packets arrive.
+"""Live capture: records off one or more interfaces, as packets arrive.
 
 scapy opens the packet sockets (`L2ListenSocket`: AF_PACKET, promiscuous,
 kernel timestamps) and compiles the BPF filter with libpcap; the kernel then
@@ -11,8 +11,8 @@ Design choices, each for a reason:
 * Where the kernel allows it, an interface is read through a TPACKET_V3
   memory-mapped ring (`sniffer.ring`): one wake-up per block of packets
   instead of a system call per packet, only the first 128 bytes copied, and
-  records (`read_records`) for the model's fast path instead of a
-  TcpSegment per packet: ~1.4 us of CPU per packet against ~6 us, which is
+  records for the model's fast path: ~1.4 us of CPU per packet against ~6 us
+  for a packet socket and a TcpSegment each, which is
   what keeps up with a busy bridge (bench/bench_watch_load.py). Blocks are
   handed over when full or after 50 ms, so events can be that late. The
   plain socket below is the fallback (`path` says which, `path_notes` why;
@@ -44,9 +44,10 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from sniffer.frames import LINKTYPE_ETHERNET, LINKTYPE_RAW, make_buffer_parser, make_dedupe_key, record_segment
-from sniffer.pcapfile import _RecentHeaders
-from sniffer.records import CaptureError, TcpSegment
+from sniffer.dedupe import CopyFilter
+from sniffer.discovery import interface_exists
+from sniffer.dissect import LINKTYPE_ETHERNET, LINKTYPE_RAW, make_dissector
+from sniffer.records import CaptureError, Record
 
 SOL_PACKET = 263
 PACKET_STATISTICS = 6
@@ -135,9 +136,9 @@ class _Tap:
 
 
 class LiveCapture:
-    """TCP segments of the server ports on live interfaces; a context manager and an iterator.
+    """Records of the server ports' TCP segments on live interfaces; a context manager and an iterator.
 
-    ``with LiveCapture(["docker0"], [5432]) as capture: for seg in capture: ...``
+    ``with LiveCapture(["docker0"], [5432]) as capture: for record in capture: ...````
 
     Iteration ends after `stop()` (thread-safe, also from a signal handler) or
     once `duration` seconds have passed since the capture opened. `read()`
@@ -178,10 +179,8 @@ class LiveCapture:
         self._stats = LiveStats()
         self._stats_lock = threading.Lock()
         self._frame = 0
-        self._recent = _RecentHeaders()
-        self._dedupe = len(self.interfaces) > 1
-        self._parsers: dict[int, object] = {}
-        self._keys: dict[int, object] = {}
+        self._copies = CopyFilter() if len(self.interfaces) > 1 else None
+        self._dissectors: dict[int, object] = {}
         self._last_flush = 0.0
         self.path_notes: list[str] = []
         """Why an interface is read through the plain socket rather than a ring (see `path`)."""
@@ -225,7 +224,7 @@ class LiveCapture:
             from scapy.arch.linux import L2ListenSocket
         except ImportError as error:  # pragma: no cover - scapy is a dependency
             raise CaptureError(f"live capture needs scapy: {error}") from None
-        if not _interface_exists(interface):
+        if not interface_exists(interface):
             raise CaptureError(f"no such network interface: {interface}")
         ring_tap = self._open_ring(interface, index)
         if ring_tap is not None:
@@ -274,7 +273,13 @@ class LiveCapture:
         socket is used then, and `path_notes` says why. Without
         `full_packets` the kernel copies only the first bytes of each packet.
         """
-        from sniffer.ring import BLOCK_COUNT, SNAPLEN, PacketRing, RingUnavailable, ring_disabled
+        from sniffer.ring import (
+            BLOCK_COUNT,
+            SNAPLEN,
+            PacketRing,
+            RingUnavailable,
+            ring_disabled,
+        )
 
         if ring_disabled():
             self.path_notes.append("KAOBS_CAPTURE=socket")
@@ -355,60 +360,16 @@ class LiveCapture:
 
     # -- reading -----------------------------------------------------------------
 
-    def __iter__(self) -> Iterator[TcpSegment]:
+    def __iter__(self) -> Iterator[Record]:
         if not self._taps:
             self.open()
         while not self.stopped:
             yield from self.read(POLL_S)
 
-    def read(self, timeout: float = POLL_S) -> list[TcpSegment]:
-        """Segments that arrived within `timeout` seconds, in time order; [] when none or stopped.
+    def read(self, timeout: float = POLL_S) -> list[Record]:
+        """Records (`sniffer.records`) that arrived within `timeout` seconds, in time order; [] when none or stopped.
 
         Returns as soon as something was read, or when stopped.
-        """
-        if not self._taps:
-            self.open()
-        if self._stop.is_set():
-            return []
-        if self.duration is not None and self.started is not None:
-            timeout = max(0.0, min(timeout, self.started + self.duration - time.time()))
-        fds = [tap.fd for tap in self._taps]
-        try:
-            ready, _, _ = select.select(fds + [self._wake_r], [], [], timeout)
-        except (OSError, ValueError):  # closed under us by close() from another thread
-            return []
-        if self._wake_r in ready:
-            try:
-                os.read(self._wake_r, 64)
-            except OSError:
-                pass
-        batch: list[TcpSegment] = []
-        for tap in self._taps:
-            if tap.fd in ready:
-                if tap.ring is not None:
-                    batch.extend(map(record_segment, self._drain_ring(tap)))
-                else:
-                    self._drain(tap, batch)
-        if len(self._taps) > 1 and len(batch) > 1:
-            batch.sort(key=_segment_time)
-        if self._writer is not None and time.monotonic() - self._last_flush > 0.5:
-            self._writer.flush()
-            self._last_flush = time.monotonic()
-        return batch
-
-    @property
-    def reads_records(self) -> bool:
-        """True when `read_records` is the fast way in: every tap is a ring and `read` is not overridden.
-
-        (A subclass that overrides `read`, like the lab's tapped capture, wants segments.)
-        """
-        return bool(self._taps) and all(tap.ring is not None for tap in self._taps) \
-            and type(self).read is LiveCapture.read
-
-    def read_records(self, timeout: float = POLL_S) -> list[tuple]:
-        """`read` for ring taps, giving records (`sniffer.frames`) for `KeepaliveModel.feed_records`.
-
-        No TcpSegment is built per packet: on a busy bridge that is most of the cost.
         """
         if not self._taps:
             self.open()
@@ -425,10 +386,13 @@ class LiveCapture:
                 os.read(self._wake_r, 64)
             except OSError:
                 pass
-        records: list[tuple] = []
+        records: list[Record] = []
         for tap in self._taps:
             if tap.fd in ready:
-                records += self._drain_ring(tap)
+                if tap.ring is not None:
+                    self._drain_ring(tap, records)
+                else:
+                    self._drain_socket(tap, records)
         if len(self._taps) > 1 and len(records) > 1:
             records.sort(key=_record_time)
         if self._writer is not None and time.monotonic() - self._last_flush > 0.5:
@@ -436,33 +400,28 @@ class LiveCapture:
             self._last_flush = time.monotonic()
         return records
 
-    def _drain_ring(self, tap: _Tap) -> list[tuple]:
+    def _drain_ring(self, tap: _Tap, records: list[Record]) -> None:
         """Records of the blocks the kernel handed over; copies across interfaces and the pcap handled per frame."""
         each = None
-        if self._dedupe or self._writer is not None:
-            key_of = self._keys.get(tap.linktype) if self._dedupe else None
-            if self._dedupe and key_of is None:
-                key_of = self._keys[tap.linktype] = make_dedupe_key(tap.linktype)
-            recent, writer, full, stats, index = self._recent, self._writer, self.full_packets, self._stats, tap.index
+        if self._copies is not None or self._writer is not None:
+            copies, writer, full, stats = self._copies, self._writer, self.full_packets, self._stats
+            linktype, index = tap.linktype, tap.index
 
             def each(data, frame: int, t: float, wirelen: int) -> bool:  # noqa: ARG001 - frame: the number it gets
-                if key_of is not None:
-                    key = key_of(data, 0, len(data))
-                    if key is not None and recent.is_copy(key[0], index, t):
-                        stats.duplicates += 1
-                        return False
+                if copies is not None and copies.is_copy(linktype, data, 0, len(data), t, index):
+                    stats.duplicates += 1
+                    return False
                 if writer is not None:
                     writer.write(data, t, wirelen=wirelen, full=full)
                 return True
 
-        records: list[tuple] = []
+        before = len(records)
         self._frame, packets = tap.ring.drain(self._frame, records, max_blocks=_RING_BLOCKS_PER_READ, each=each)
         self._stats.packets += packets
-        self._stats.segments += len(records)
-        return records
+        self._stats.segments += len(records) - before
 
-    def _drain(self, tap: _Tap, batch: list[TcpSegment]) -> None:
-        """Read what is queued on one socket, up to a batch, parsing frames in place as they come.
+    def _drain_socket(self, tap: _Tap, records: list[Record]) -> None:
+        """Read what is queued on one socket, up to a batch, dissecting frames in place as they come.
 
         Frames are received into one preallocated buffer (`recvmsg_into`):
         scapy's `recv_raw` allocates a 64 KiB bytes object per packet and
@@ -473,11 +432,8 @@ class LiveCapture:
         recv_into = ins.recvmsg_into
         buffers = [self._buffer]
         view = self._view
-        parse = self._parser(tap.linktype)
-        key_of = self._keys.get(tap.linktype) if self._dedupe else None
-        if self._dedupe and key_of is None:
-            key_of = self._keys[tap.linktype] = make_dedupe_key(tap.linktype)
-        recent = self._recent
+        dissect = self._dissector(tap.linktype)
+        copies = self._copies
         writer = self._writer
         full = self.full_packets
         stats = self._stats
@@ -502,28 +458,22 @@ class LiveCapture:
                 t = sec + nsec * 1e-9
             else:
                 t = time.time()
-            if key_of is not None:
-                key = key_of(view, 0, n)
-                if key is not None and recent.is_copy(key[0], tap.index, t):
-                    stats.duplicates += 1
-                    continue
+            if copies is not None and copies.is_copy(tap.linktype, view, 0, n, t, tap.index):
+                stats.duplicates += 1
+                continue
             self._frame += 1
             if writer is not None:
                 writer.write(view[:n], t, wirelen=n, full=full)  # it copies what it keeps
-            segment = parse(view, 0, n, self._frame, t, n)
-            if segment is not None:
+            record = dissect(view, 0, n, self._frame, t, n)
+            if record is not None:
                 stats.segments += 1
-                batch.append(segment)
+                records.append(record)
 
-    def _parser(self, linktype: int):
-        parse = self._parsers.get(linktype)
-        if parse is None:
-            parse = self._parsers[linktype] = make_buffer_parser(linktype)
-        return parse
-
-
-def _segment_time(segment: TcpSegment) -> float:
-    return segment.t
+    def _dissector(self, linktype: int):
+        dissect = self._dissectors.get(linktype)
+        if dissect is None:
+            dissect = self._dissectors[linktype] = make_dissector(linktype)
+        return dissect
 
 
 def _record_time(record: tuple) -> float:
@@ -537,16 +487,3 @@ def _read_kernel_stats(sock: socket.socket) -> tuple[int, int]:
     except OSError:
         return 0, 0
     return _TPACKET_STATS.unpack(raw)
-
-
-def _interface_exists(name: str) -> bool:
-    try:
-        socket.if_nametoindex(name)
-    except OSError:
-        return False
-    return True
-
-
-def interface_names() -> list[str]:
-    """Network interfaces of this namespace, for error messages."""
-    return [name for _, name in socket.if_nameindex()]

@@ -14,6 +14,7 @@ Every failure is a `DiscoveryError` with one line for the user.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -237,10 +238,10 @@ def find_target(*, interfaces: Sequence[str] = (), container: str | None = None,
     if len(chosen) > 1:
         raise DiscoveryError(f"give only one of --interface, --container, --network (got {' and '.join(chosen)})")
     if interfaces:
-        missing = [name for name in interfaces if not _interface_exists(name)]
+        missing = [name for name in interfaces if not interface_exists(name)]
         if missing:
             raise DiscoveryError(f"no such network interface: {', '.join(missing)} (interfaces here: "
-                                 f"{', '.join(_interface_names())})")
+                                 f"{', '.join(interface_names())})")
         return Target(list(dict.fromkeys(interfaces)), [], ", ".join(interfaces))
     if client is None:
         client = docker_client()
@@ -275,16 +276,15 @@ def _networks_by_id(client) -> dict[str, dict[str, Any]]:
 
 
 def _checked(target: Target) -> Target:
-    missing = [name for name in target.interfaces if not _interface_exists(name)]
+    missing = [name for name in target.interfaces if not interface_exists(name)]
     if missing:
         raise DiscoveryError(f"bridge {', '.join(missing)} of {target.description} does not exist on this host "
                              "(is Docker running in another network namespace?); use --interface")
     return target
 
 
-def _interface_exists(name: str) -> bool:
-    import socket
-
+def interface_exists(name: str) -> bool:
+    """Does this network namespace have an interface of that name?"""
     try:
         socket.if_nametoindex(name)
     except OSError:
@@ -292,7 +292,6 @@ def _interface_exists(name: str) -> bool:
     return True
 
 
-def _interface_names() -> list[str]:
-    import socket
-
+def interface_names() -> list[str]:
+    """Network interfaces of this namespace, for error messages."""
     return [name for _, name in socket.if_nameindex()]

@@ -1,26 +1,34 @@
-"""Parse one captured link-layer frame into a `TcpSegment`, fast and without scapy.
+"""Dissect one captured link-layer frame into a `Record`: the one routine every reader calls.
 
-This is the hot loop of reading a capture: scapy's dissection costs about
-130 us a packet, which makes a million-packet file take minutes. Here a frame
-is read with precompiled `struct.Struct` objects straight out of the capture
-buffer, at an offset, so the reader never copies a packet.
+Readers only find frames (pcap and pcapng records, ring slots, socket
+reads); this module turns each into the record the model takes
+(`sniffer.records`), fast and without scapy: scapy's dissection costs about
+130 us a packet, which makes a million-packet file take minutes. A frame is
+read with precompiled `struct.Struct` objects straight out of the reader's
+buffer, at an offset, so no packet is copied.
 
-Only the TCP header is needed. The payload length is taken from the IP header,
-so a frame cut short by a snaplen still gives the true length as long as the
-20-byte TCP base header was captured.
+Only the TCP header is needed. The payload length is taken from the IP
+header, so a frame cut short by a snaplen still gives the true length as long
+as the 20-byte TCP base header was captured.
 
-Two signatures exist. `make_frame_parser` gives the plain one,
-``parse(data, frame, t)``; `make_buffer_parser` gives the one the capture
-reader uses, ``parse(buf, off, end, frame, t, wirelen)``, which reads the frame
-at ``buf[off:end]`` in place.
+``dissect = make_dissector(linktype)`` gives
+``dissect(buf, off, end, frame, t, wirelen=0) -> Record | None`` for the
+frame at ``buf[off:end]``. For Ethernet it is `dissect_ethernet`, whose
+first lines are the common case (untagged IPv4 without options carrying
+TCP, nearly every packet of a capture) in one unpack; everything else goes
+through the general path (VLAN tags, IPv6 with extension headers, IP
+options, other link layers).
+
+The same link-layer knowledge finds where a frame's headers end, for the
+headers-only writer (`frame_snap_end`) and for recognising one packet
+captured on several interfaces (`header_bytes`).
 """
 from __future__ import annotations
 
-from socket import AF_INET, AF_INET6, inet_ntop
 from struct import Struct
 from typing import Callable
 
-from sniffer.records import CaptureError, TcpSegment
+from sniffer.records import CaptureError, Record
 
 LINKTYPE_NULL = 0
 LINKTYPE_ETHERNET = 1
@@ -33,8 +41,8 @@ LINKTYPE_IPV4 = 228
 LINKTYPE_IPV6 = 229
 LINKTYPE_LINUX_SLL2 = 276
 
-BufferParser = Callable[..., "TcpSegment | None"]
-FrameParser = Callable[["bytes | memoryview", int, float], "TcpSegment | None"]
+Dissector = Callable[..., "Record | None"]
+"""``dissect(buf, off, end, frame, t, wirelen=0) -> Record | None``."""
 
 _NAMES = {
     LINKTYPE_NULL: "BSD loopback",
@@ -69,20 +77,16 @@ _NOT_FIRST_FRAGMENT = -1
 
 _U16 = Struct("!H")
 _U32 = Struct("!I")
-# The common case in one unpack, used here and inlined by the pcap reader:
-# Ethernet II + IPv4 without options + TCP, read from the EtherType (offset
-# 12) on: ethertype, version/ihl, total length, fragment field, protocol, the
-# two addresses as one cache key, ports, seq, ack, data offset byte, flags,
-# window. The frame needs 54 bytes for the TCP base header to be complete.
-ETHER_IPV4_TCP = Struct("!HBxHxxHxBxx8sHHIIBBH")
-# The same for records: addresses and ports are contiguous when the IP header
-# has no options, so one 12-byte field is the flow key of `Record`.
-ETHER_IPV4_FLOW = Struct("!HBxHxxHxBxx12sIIBBH")
+ETHER_IPV4_TCP = Struct("!3sxH2xHxBxx12sIIBBH")
+"""The common frame in one unpack, from the EtherType (offset 12) on: EtherType and IPv4
+version/IHL as one 3-byte field (b"\\x08\\x00\\x45": IPv4 without options), total length,
+fragment field, protocol, the flow (addresses, then ports: contiguous when the IP header
+has no options), seq, ack, data offset byte, flags, window. 54 bytes make the TCP base
+header complete."""
+IPV4_HEAD = b"\x08\x00\x45"
 _IP4 = Struct("!BxHxxHxBxx8s")
 _IP6 = Struct("!BxxxHBx32s")
-_TCP_HEADER = Struct("!HHIIBBH")
 _TCP_AFTER_PORTS = Struct("!IIBBH")
-_PORTS = Struct("!HH")
 
 _VLAN_TPIDS = frozenset((0x8100, 0x88A8, 0x9100, 0x9200))
 _ETHERTYPE_VERSION = {0x0800: 4, 0x86DD: 6}
@@ -92,23 +96,6 @@ _FAMILY_VERSION = {2: 4, 10: 6, 23: 6, 24: 6, 28: 6, 30: 6}
 # IPv6 extension headers that may sit between the fixed header and TCP.
 _HOP_BY_HOP, _ROUTING, _FRAGMENT, _AH, _DEST_OPTS = 0, 43, 44, 51, 60
 _MAX_EXTENSION_HEADERS = 8
-
-_ADDRESS_CACHE_LIMIT = 65536
-_address_pairs: dict[bytes, tuple[str, str]] = {}
-cached_pair = _address_pairs.get
-"""``cached_pair(addrs) or new_pair(addrs)`` -> (src, dst) for 8 or 32 address bytes."""
-
-
-def new_pair(addrs: bytes) -> tuple[str, str]:
-    """Convert and cache a (src, dst) address pair; inet_ntop per packet is slow."""
-    if len(_address_pairs) >= _ADDRESS_CACHE_LIMIT:
-        _address_pairs.clear()
-    half = len(addrs) // 2
-    family = AF_INET if half == 4 else AF_INET6
-    pair = (inet_ntop(family, addrs[:half]), inet_ntop(family, addrs[half:]))
-    _address_pairs[addrs] = pair
-    return pair
-
 
 # Link layers: each returns (offset of the IP header, IP version), with version
 # 0 when the frame carries something else; the offset is then the end of the
@@ -257,117 +244,11 @@ def _ipv6_transport(buf, ip: int, end: int, wire_end: int):
     return nh, p, length, addrs
 
 
-# Frame parsers.
-
-def _segment_at(buf, ip: int, version: int, end: int, frame: int, t: float,
-                wire_end: int) -> TcpSegment | None:
-    """The general path: any IP version, options, extension headers."""
-    found = _transport(buf, ip, version, end, wire_end)
-    if found is None:
-        return None
-    proto, tcp, length, addrs = found
-    if proto != _TCP or tcp + 20 > end:
-        return None
-    sport, dport, seq, ack, offset, flags, window = _TCP_HEADER.unpack_from(buf, tcp)
-    if offset < 0x50:
-        return None
-    payload = length - ((offset >> 4) << 2)
-    src, dst = cached_pair(addrs) or new_pair(addrs)
-    return TcpSegment(frame, t, src, sport, dst, dport, seq, ack, flags, window,
-                      payload if payload > 0 else 0)
-
-
-def parse_ethernet(buf, off: int, end: int, frame: int, t: float,
-                    wirelen: int = 0) -> TcpSegment | None:
-    """Ethernet, with one unpack for the common untagged IPv4-without-options case."""
-    if end - off >= 54:
-        (ethertype, vihl, total, frag, proto, addrs, sport, dport, seq, ack,
-         offset, flags, window) = ETHER_IPV4_TCP.unpack_from(buf, off + 12)
-        if (ethertype == 0x0800 and vihl == 0x45 and proto == 6
-                and not frag & 0x1FFF and offset >= 0x50):
-            payload = total - 20 - ((offset >> 4) << 2)
-            if payload >= 0:
-                src, dst = cached_pair(addrs) or new_pair(addrs)
-                return TcpSegment(frame, t, src, sport, dst, dport, seq, ack,
-                                  flags, window, payload)
-    ip, version = _ethertype_chain(buf, off + 12, end)
-    if not version:
-        return None
-    return _segment_at(buf, ip, version, end, frame, t, off + wirelen)
-
-
-def make_buffer_parser(linktype: int) -> BufferParser:
-    """Parser for frames read in place: ``parse(buf, off, end, frame, t, wirelen=0)``.
-
-    Raises CaptureError for a link type this module cannot read.
-    """
-    link = _link_for(linktype)
-    if link is _link_ethernet:
-        return parse_ethernet
-
-    def parse(buf, off: int, end: int, frame: int, t: float,
-              wirelen: int = 0) -> TcpSegment | None:
-        ip, version = link(buf, off, end)
-        if not version:
-            return None
-        return _segment_at(buf, ip, version, end, frame, t, off + wirelen)
-
-    return parse
-
-
-def make_frame_parser(linktype: int) -> FrameParser:
-    """Parser for one whole frame: ``parse(data, frame, t) -> TcpSegment | None``.
-
-    None means the frame is not TCP, is a non-first fragment, or was cut short
-    inside the IP or TCP base header. Raises CaptureError for a link type this
-    module cannot read.
-    """
-    parse_at = make_buffer_parser(linktype)
-
-    def parse(data: bytes | memoryview, frame: int, t: float) -> TcpSegment | None:
-        return parse_at(data, 0, len(data), frame, t, len(data))
-
-    return parse
-
-
-# Records: the reader's fast form of a segment, for `KeepaliveModel.feed_records`.
-#
-# A `TcpSegment` costs a Python __init__ call and two address strings per
-# packet; over a million packets that is most of the reading time. A record is
-# the plain tuple ``(frame, t, flow, seq, ack, flags, window, payload_len)``
-# where `flow` is the source and destination addresses (4+4 or 16+16 bytes)
-# followed by the two ports, as bytes: a dict key that needs no conversion.
-# `flow_endpoints` turns it into addresses and ports when needed.
-
-Record = tuple  # (frame, t, flow, seq, ack, flags, window, payload_len)
-RecordParser = Callable[..., "Record | None"]
-
-_flow_endpoints: dict[bytes, tuple[str, int, str, int]] = {}
-
-
-def flow_endpoints(flow: bytes) -> tuple[str, int, str, int]:
-    """(src, sport, dst, dport) of a record's flow key, cached."""
-    found = _flow_endpoints.get(flow)
-    if found is None:
-        if len(_flow_endpoints) >= _ADDRESS_CACHE_LIMIT:
-            _flow_endpoints.clear()
-        addrs = flow[:-4]
-        src, dst = cached_pair(addrs) or new_pair(addrs)
-        sport, dport = _PORTS.unpack_from(flow, len(flow) - 4)
-        found = _flow_endpoints[flow] = (src, sport, dst, dport)
-    return found
-
-
-def record_segment(record: Record) -> TcpSegment:
-    """The `TcpSegment` a record stands for."""
-    frame, t, flow, seq, ack, flags, window, payload_len = record
-    src, sport, dst, dport = flow_endpoints(flow)
-    return TcpSegment(frame, t, src, sport, dst, dport, seq, ack, flags, window, payload_len)
-
+# Dissection.
 
 def _record_at(buf, ip: int, version: int, end: int, frame: int, t: float,
                wire_end: int) -> Record | None:
-    """`_segment_at` giving a record: any IP version, options, extension headers."""
+    """The general path: any IP version, options, extension headers."""
     found = _transport(buf, ip, version, end, wire_end)
     if found is None:
         return None
@@ -382,14 +263,12 @@ def _record_at(buf, ip: int, version: int, end: int, frame: int, t: float,
             payload if payload > 0 else 0)
 
 
-def record_ethernet(buf, off: int, end: int, frame: int, t: float,
-                    wirelen: int = 0) -> Record | None:
-    """`parse_ethernet` giving a record; the capture reader inlines its first branch."""
+def dissect_ethernet(buf, off: int, end: int, frame: int, t: float, wirelen: int = 0,
+                     _common=ETHER_IPV4_TCP.unpack_from, _head=IPV4_HEAD) -> Record | None:
+    """An Ethernet frame: the common untagged IPv4/TCP frame in one unpack, anything else the general way."""
     if end - off >= 54:
-        (ethertype, vihl, total, frag, proto, flow, seq, ack, offset, flags,
-         window) = ETHER_IPV4_FLOW.unpack_from(buf, off + 12)
-        if (ethertype == 0x0800 and vihl == 0x45 and proto == 6
-                and not frag & 0x1FFF and offset >= 0x50):
+        head, total, frag, proto, flow, seq, ack, offset, flags, window = _common(buf, off + 12)
+        if head == _head and proto == 6 and not frag & 0x1FFF and offset >= 0x50:
             payload = total - 20 - ((offset >> 4) << 2)
             if payload >= 0:
                 return (frame, t, flow, seq, ack, flags, window, payload)
@@ -399,23 +278,31 @@ def record_ethernet(buf, off: int, end: int, frame: int, t: float,
     return _record_at(buf, ip, version, end, frame, t, off + wirelen)
 
 
-def make_record_parser(linktype: int) -> RecordParser:
-    """`make_buffer_parser` giving records: ``parse(buf, off, end, frame, t, wirelen=0)``.
+def make_dissector(linktype: int) -> Dissector:
+    """``dissect(buf, off, end, frame, t, wirelen=0) -> Record | None`` for frames of this link type.
 
-    Raises CaptureError for a link type this module cannot read.
+    None means the frame is not TCP, is a non-first fragment, or was cut
+    short inside the IP or TCP base header. `wirelen` is the frame's length
+    on the wire, used when an IP length field is 0 (TSO/GSO packets
+    captured before segmentation). Raises CaptureError for a link type this
+    module cannot read.
     """
     link = _link_for(linktype)
     if link is _link_ethernet:
-        return record_ethernet
+        return dissect_ethernet
 
-    def parse(buf, off: int, end: int, frame: int, t: float,
-              wirelen: int = 0) -> Record | None:
+    def dissect(buf, off: int, end: int, frame: int, t: float, wirelen: int = 0) -> Record | None:
         ip, version = link(buf, off, end)
         if not version:
             return None
         return _record_at(buf, ip, version, end, frame, t, off + wirelen)
 
-    return parse
+    return dissect
+
+
+def dissect_frame(linktype: int, data: bytes | memoryview, frame: int = 1, t: float = 0.0) -> Record | None:
+    """One whole frame, for tests and tools: ``make_dissector(linktype)(data, 0, len(data), frame, t, len(data))``."""
+    return make_dissector(linktype)(data, 0, len(data), frame, t, len(data))
 
 
 # Header boundaries, for the headers-only writer and for duplicate detection.
@@ -451,29 +338,28 @@ def frame_snap_end(linktype: int, data: bytes | memoryview) -> int:
     return _header_ends(_link_for(linktype), data, 0, len(data))[1]
 
 
-def make_dedupe_key(linktype: int) -> Callable[..., "tuple[bytes, int | None] | None"]:
-    """Key for spotting one packet captured on several interfaces (``tcpdump -i any``).
+def make_header_key(linktype: int) -> Callable[..., "bytes | None"]:
+    """``key(buf, off, end) -> bytes | None``: a frame's IP and TCP headers without what a router changes.
 
-    ``key(buf, off, end) -> (header bytes, interface index or None) | None``,
-    None for a frame that is not a parseable TCP segment.
-    The bytes are the IP and TCP headers without what a router or bridge
-    changes (IPv4 TTL, protocol and checksum; IPv6 hop limit). The IP ID, the
+    For spotting one packet captured on several interfaces (`sniffer.dedupe`).
+    Left out: IPv4 TTL, protocol and checksum; IPv6 hop limit. The IP ID, the
     lengths and the TCP options stay in, so a retransmission or a repeated
-    keepalive probe gets a new key. The interface index is the Linux cooked v2
-    ifindex: the copies of one packet come from different interfaces.
+    keepalive probe gets a new key. None for a frame that is not a parseable
+    TCP segment.
     """
     link = _link_for(linktype)
-    with_ifindex = linktype == LINKTYPE_LINUX_SLL2
 
-    def key(buf, off: int, end: int) -> tuple[bytes, int | None] | None:
+    def key(buf, off: int, end: int) -> bytes | None:
         ip, _, tcp_end = _header_ends(link, buf, off, end)
         if tcp_end is None:
             return None
         if buf[ip] >> 4 == 4:
-            header = bytes(buf[ip:ip + 8]) + bytes(buf[ip + 12:tcp_end])
-        else:
-            header = bytes(buf[ip:ip + 7]) + bytes(buf[ip + 8:tcp_end])
-        ifindex = _U32.unpack_from(buf, off + 4)[0] if with_ifindex else None
-        return header, ifindex
+            return bytes(buf[ip:ip + 8]) + bytes(buf[ip + 12:tcp_end])
+        return bytes(buf[ip:ip + 7]) + bytes(buf[ip + 8:tcp_end])
 
     return key
+
+
+def sll2_ifindex(buf, off: int) -> int:
+    """The interface index in a Linux cooked v2 header: copies of one packet come from different ones."""
+    return _U32.unpack_from(buf, off + 4)[0]

@@ -1,8 +1,11 @@
-"""Read TCP segments out of pcap and pcapng files, streaming, in constant memory.
+"""Read pcap and pcapng files, streaming, in constant memory: frames in, records out.
 
 A capture of a long keepalive run can hold millions of packets, so the file is
-read in large chunks and each record is parsed in place in the chunk (see
-`sniffer.frames`); nothing but the `TcpSegment`s is kept.
+read in large chunks and each frame is handed, in place in the chunk, to a
+handler: for analysis the one dissection routine every packet source shares
+(`sniffer.dissect`), which gives the `Record`s the model takes; for rewriting
+(`sniffer.pcapwrite`) a writer. The walkers here only find frames and their
+timestamps, as dpkt's and scapy's readers keep reading apart from dissection.
 
 A damaged file should still give what it holds: a capture cut off mid-record
 (tcpdump killed, disk full) or with a corrupt record length ends with a warning
@@ -16,23 +19,13 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections import deque
 from dataclasses import dataclass, field
 from struct import Struct
 from typing import Callable, Iterator
 
-from sniffer.frames import (
-    ETHER_IPV4_FLOW,
-    LINKTYPE_LINUX_SLL,
-    LINKTYPE_LINUX_SLL2,
-    Record,
-    flow_endpoints,
-    make_buffer_parser,
-    make_dedupe_key,
-    make_record_parser,
-    record_ethernet,
-)
-from sniffer.records import CaptureError, TcpSegment
+from sniffer.dedupe import CopyFilter
+from sniffer.dissect import LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2, make_dissector
+from sniffer.records import CaptureError, Record, TcpSegment, segment_of
 
 Warn = Callable[[str], None]
 # handler(buf, start, end, frame, t, wirelen) -> something to yield, or None
@@ -47,12 +40,6 @@ _CHUNK = 1 << 20
 _MAX_BUFFERED_BLOCK = 1 << 20
 _HEAD = 64
 
-DEDUPE_WINDOW = 0.010
-"""Copies of one packet on several interfaces are microseconds apart; probes are seconds."""
-_DEDUPE_MEMORY = 4096
-_DEDUPE_HORIZON = 2.0
-"""How long keys are remembered: dumpcap writes each interface's packets as its
-buffer fills, so a pcapng of several interfaces can go back in time by tens of ms."""
 
 # Classic pcap magic -> (byte order, timestamp units per second, record header size).
 _PCAP_MAGICS = {
@@ -154,7 +141,7 @@ def _check(path: str | os.PathLike) -> tuple[str, str]:
 
 def _parser_or_error(linktype: int, name: str):
     try:
-        return make_buffer_parser(linktype)
+        return make_dissector(linktype)
     except CaptureError as e:
         raise CaptureError(f"{name}: {e}") from None
 
@@ -184,13 +171,7 @@ def _mid_record(name, stats, warn, packets) -> None:
 
 def _walk_pcap(path, name: str, stats: CaptureStats, warn: Warn,
                handler_for: HandlerFactory) -> Iterator[object]:
-    """Classic pcap: a 24-byte header, then records of header + captured bytes.
-
-    Untagged Ethernet/IPv4/TCP without IP options, nearly every packet of a
-    typical capture, is parsed inline into a record when the handler is
-    `record_ethernet`: a function call per packet is a tenth of the reading
-    time.
-    """
+    """Classic pcap: a 24-byte header, then records of header + captured bytes."""
     f = _open(path, name)
     pos = n = frame = skipped = 0
     try:
@@ -199,9 +180,7 @@ def _walk_pcap(path, name: str, stats: CaptureStats, warn: Warn,
         linktype = _pcap_linktype(head)
         stats.linktypes.add(linktype)
         handle = handler_for(linktype, units)
-        inline = handle is record_ethernet
         record = Struct(order + "IIII").unpack_from
-        ether_ipv4_flow = ETHER_IPV4_FLOW.unpack_from
         read = f.read
         units = float(units)
         max_caplen = MAX_CAPLEN
@@ -224,16 +203,6 @@ def _walk_pcap(path, name: str, stats: CaptureStats, warn: Warn,
                     break
                 frame += 1
                 pos = end
-                if inline and caplen >= 54:
-                    (ethertype, vihl, total, frag, proto, flow, seq, ack, offset, flags,
-                     window) = ether_ipv4_flow(buf, start + 12)
-                    if (ethertype == 0x0800 and vihl == 0x45 and proto == 6
-                            and not frag & 0x1FFF and offset >= 0x50):
-                        payload = total - 20 - ((offset >> 4) << 2)
-                        if payload >= 0:
-                            yield (frame, sec + frac / units, flow, seq, ack, flags, window,
-                                   payload)
-                            continue
                 item = handle(buf, start, end, frame, sec + frac / units, wirelen)
                 if item is None:
                     skipped += 1
@@ -271,19 +240,17 @@ def _walk_pcapng(path, name: str, stats: CaptureStats, warn: Warn,
                  handler_for: HandlerFactory) -> Iterator[object]:
     """pcapng: blocks of type, length, body, length; sections may switch byte order.
 
-    An Enhanced Packet Block that passes every check, on an interface whose
-    handler is `record_ethernet`, is taken by a fast path first, with the
-    common Ethernet/IPv4/TCP frame parsed inline as in `_walk_pcap`; anything
-    else, including every damaged block, goes through the general code.
+    An Enhanced Packet Block that passes every check is framed by a fast path
+    first (one unpack for its header); anything else, including every damaged
+    block, goes through the general code.
     """
     f = _open(path, name)
     read = f.read
     buf = b""
     pos = n = frame = skipped = to_skip = 0
     t = 0.0
-    # (handler, units per second, offset, snaplen, handler is record_ethernet)
-    interfaces: list[tuple[Handler, int, int, int, bool]] = []
-    ether_ipv4_flow = ETHER_IPV4_FLOW.unpack_from
+    # (handler, units per second, offset, snaplen)
+    interfaces: list[tuple[Handler, int, int, int]] = []
     max_caplen = MAX_CAPLEN
     order = "<"
     u32 = block = epb = pb = idb = epb_head = None
@@ -318,19 +285,10 @@ def _walk_pcapng(path, name: str, stats: CaptureStats, warn: Warn,
                     start = pos + 28
                     end = start + caplen
                     if caplen <= max_caplen and end <= bend - 4 and iface < len(interfaces):
-                        handle, units, offset, _, inline = interfaces[iface]
+                        handle, units, offset, _ = interfaces[iface]
                         t = ((high << 32) | low) / units + offset
                         frame += 1
                         pos = bend
-                        if inline and caplen >= 54:
-                            (ethertype, vihl, total, frag, proto, flow, seq, ack, offset, flags,
-                             window) = ether_ipv4_flow(buf, start + 12)
-                            if (ethertype == 0x0800 and vihl == 0x45 and proto == 6
-                                    and not frag & 0x1FFF and offset >= 0x50):
-                                payload = total - 20 - ((offset >> 4) << 2)
-                                if payload >= 0:
-                                    yield (frame, t, flow, seq, ack, flags, window, payload)
-                                    continue
                         item = handle(buf, start, end, frame, t, wirelen)
                         if item is None:
                             skipped += 1
@@ -380,13 +338,13 @@ def _walk_pcapng(path, name: str, stats: CaptureStats, warn: Warn,
                         _ended(name, stats, warn, frame,
                                f"packet on undeclared interface {iface}")
                         return
-                    handle, units, offset, _, _ = interfaces[iface]
+                    handle, units, offset, _ = interfaces[iface]
                     t = ((high << 32) | low) / units + offset
                 elif btype == _SPB:
                     if not interfaces:
                         _ended(name, stats, warn, frame, "packet on undeclared interface 0")
                         return
-                    handle, units, offset, snaplen, _ = interfaces[0]
+                    handle, units, offset, snaplen = interfaces[0]
                     (wirelen,) = u32(buf, pos + 8)
                     start = pos + 12
                     caplen = min(wirelen, blen - 16, snaplen or MAX_CAPLEN)
@@ -396,10 +354,7 @@ def _walk_pcapng(path, name: str, stats: CaptureStats, warn: Warn,
                         linktype, snaplen = idb(buf, pos + 8)
                         units, offset = _idb_options(buf, pos + 16, bend - 4, order)
                         stats.linktypes.add(linktype)
-                        interfaces.append(
-                            (handler_for(linktype, units), units, offset, snaplen, False))
-                        # A second interface can switch duplicate removal on for all.
-                        interfaces = [(h, u, o, s, _inlinable(h)) for h, u, o, s, _ in interfaces]
+                        interfaces.append((handler_for(linktype, units), units, offset, snaplen))
                     elif btype == _PCAPNG_SHB:
                         interfaces = []
                     pos = bend
@@ -421,45 +376,8 @@ def _walk_pcapng(path, name: str, stats: CaptureStats, warn: Warn,
         stats.segments += frame - skipped
 
 
-class _RecentHeaders:
-    """Header keys seen in the last few milliseconds, to drop per-interface copies.
-
-    Memory is bounded: keys older than the horizon (longer than the window,
-    since packets of different interfaces may come out of time order), or
-    beyond a fixed count, are forgotten.
-    """
-
-    def __init__(self, window: float = DEDUPE_WINDOW, capacity: int = _DEDUPE_MEMORY,
-                 horizon: float = _DEDUPE_HORIZON):
-        self.window = window
-        self.capacity = capacity
-        self.horizon = max(horizon, window)
-        self._last: dict[bytes, tuple[float, tuple]] = {}
-        self._order: deque[tuple[float, bytes]] = deque()
-
-    def is_copy(self, key: bytes, interface: int | None, t: float) -> bool:
-        """True if `key` was seen within the window on another interface.
-
-        With no interface information (Linux cooked v1), any recent match is a copy.
-        """
-        last, order = self._last, self._order
-        while order and (t - order[0][0] > self.horizon or len(order) > self.capacity):
-            old_t, old_key = order.popleft()
-            seen = last.get(old_key)
-            if seen is not None and seen[0] == old_t:
-                del last[old_key]
-        seen = last.get(key)
-        order.append((t, key))
-        if (seen is not None and abs(t - seen[0]) <= self.window
-                and (interface is None or interface not in seen[1])):
-            last[key] = (t, seen[1] + (interface,))
-            return True
-        last[key] = (t, (interface,))
-        return False
-
-
 class CaptureReader:
-    """A capture file as an iterable of TcpSegments, with what was found in `stats`.
+    """A capture file as an iterable of records (`records`) or TcpSegments, with what was found in `stats`.
 
     The file is opened and identified at construction, so a missing file or
     a non-capture raises CaptureError right away; iterating reads it. `stats`
@@ -478,86 +396,45 @@ class CaptureReader:
         self.warn = warn or _default_warn
         self.dedupe = dedupe
         self.stats = CaptureStats(format=self.format)
-        self._recent = _RecentHeaders()
+        self._copies = CopyFilter()
         self._interfaces = 0
-        self._several = [False]
 
     def __iter__(self) -> Iterator[TcpSegment]:
-        return _segments(self.records())
+        return map(segment_of, self.records())
 
     def records(self) -> Iterator[Record]:
-        """The same segments as plain tuples, the fast form `KeepaliveModel.feed_records` takes.
-
-        Each is ``(frame, t, flow, seq, ack, flags, window, payload_len)``;
-        `sniffer.frames.flow_endpoints(flow)` gives (src, sport, dst, dport).
-        """
+        """The records (`sniffer.records`), the form `KeepaliveModel.feed_records` takes."""
         self.stats = CaptureStats(format=self.format)
-        self._recent = _RecentHeaders()
+        self._copies = CopyFilter()
         self._interfaces = 0
-        self._several = [False]
         return _walk(self.path, self.name, self.format, self.stats, self.warn,
                      self._handler_for)  # type: ignore[return-value]
 
     def _handler_for(self, linktype: int, units: int) -> Handler:
-        parse = _record_parser_or_error(linktype, self.name)
+        dissect = _parser_or_error(linktype, self.name)
         self._interfaces += 1
-        if self._interfaces == 2:
-            self._several[0] = True
         if self.dedupe is False or (self.dedupe is None and linktype not in _COOKED
                                     and self.format != "pcapng"):
-            return parse
+            return dissect
+        copies, stats = self._copies, self.stats
         if linktype in _COOKED or self.format != "pcapng":
             # The cooked v2 header names the interface; v1 and classic pcap do not (None).
-            return _deduplicating(parse, make_dedupe_key(linktype), self._recent, self.stats)
-        # pcapng holding one packet on several interfaces (dumpcap -i veth -i docker0): the
-        # interface is the IDB; with dedupe=None, only once a second interface is declared.
-        return _deduplicating(parse, make_dedupe_key(linktype), self._recent, self.stats,
-                              ("idb", self._interfaces),
-                              self._several if self.dedupe is None else None)
+            interface = None
+        else:
+            # pcapng holding one packet on several interfaces (dumpcap -i veth -i docker0): the
+            # interface is the IDB; with dedupe=None, only once a second interface is declared.
+            interface = ("idb", self._interfaces)
+        always = self.dedupe is True or interface is None
 
-
-def _segments(records: Iterator[Record]) -> Iterator[TcpSegment]:
-    for frame, t, flow, seq, ack, flags, window, payload_len in records:
-        src, sport, dst, dport = flow_endpoints(flow)
-        yield TcpSegment(frame, t, src, sport, dst, dport, seq, ack, flags, window, payload_len)
-
-
-def _record_parser_or_error(linktype: int, name: str):
-    try:
-        return make_record_parser(linktype)
-    except CaptureError as e:
-        raise CaptureError(f"{name}: {e}") from None
-
-
-def _inlinable(handle: Handler) -> bool:
-    """Whether the walkers may parse this handler's frames inline (`record_ethernet`).
-
-    True for `record_ethernet` itself, and for a duplicate-dropping wrapper of
-    it that is paused (a pcapng with one interface so far), which then does
-    nothing but call it.
-    """
-    if handle is record_ethernet:
-        return True
-    several = getattr(handle, "several", None)
-    return getattr(handle, "parse", None) is record_ethernet and several is not None and not several[0]
-
-
-def _deduplicating(parse: Handler, key_of, recent: _RecentHeaders, stats: CaptureStats,
-                   interface: object = None, several: list[bool] | None = None) -> Handler:
-    """Drop copies; `interface` overrides the key's, `several[0]` False pauses the check."""
-    def handle(buf, start: int, end: int, frame: int, t: float, wirelen: int):
-        segment = parse(buf, start, end, frame, t, wirelen)
-        if segment is not None and (several is None or several[0]):
-            key = key_of(buf, start, end)
-            if key is not None and recent.is_copy(
-                    key[0], key[1] if interface is None else interface, t):
+        def handle(buf, start: int, end: int, frame: int, t: float, wirelen: int):
+            record = dissect(buf, start, end, frame, t, wirelen)
+            if record is not None and (always or self._interfaces > 1) and copies.is_copy(
+                    linktype, buf, start, end, t, interface):
                 stats.duplicates += 1
                 return None
-        return segment
+            return record
 
-    handle.parse = parse  # type: ignore[attr-defined]  # for _inlinable
-    handle.several = several  # type: ignore[attr-defined]
-    return handle
+        return handle
 
 
 def read_segments(path: str | os.PathLike, *, warn: Warn | None = None,

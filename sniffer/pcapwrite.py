@@ -24,7 +24,7 @@ import os
 from struct import Struct
 from types import TracebackType
 
-from sniffer.frames import frame_snap_end, linktype_name, make_buffer_parser
+from sniffer.dissect import frame_snap_end, linktype_name, make_dissector
 from sniffer.pcapfile import CaptureStats, Warn, walk_records
 from sniffer.records import CaptureError
 
@@ -37,9 +37,9 @@ _RECORD_HEADER = Struct("=IIII")
 
 
 def _readable(linktype: int) -> bool:
-    """True if `sniffer.frames` can find the headers in frames of this link type."""
+    """True if `sniffer.dissect` can find the headers in frames of this link type."""
     try:
-        make_buffer_parser(linktype)
+        make_dissector(linktype)
     except CaptureError:
         return False
     return True

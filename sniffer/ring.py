@@ -14,12 +14,10 @@ snap length). The frame's length on the wire still comes with it (``tp_len``),
 and the TCP payload length is read from the IP header, so GRO/TSO packets of
 64 kB cost no more than a pure ACK.
 
-`PacketRing.drain` turns retired blocks into records (`sniffer.frames`
-Record tuples), the form `KeepaliveModel.feed_records` takes. The common
-frame (Ethernet, IPv4 without options, TCP) is read with one unpack from the
-start of its ring header, because the kernel puts the MAC header at a fixed
-offset for a given link header length; anything else goes through
-`sniffer.frames`' general parser.
+`PacketRing.drain` turns retired blocks into records (`sniffer.records`),
+the form `KeepaliveModel.feed_records` takes, with the dissection routine
+every reader shares (`sniffer.dissect`), reading each frame in place in the
+mapping.
 
 Linux only; `RingUnavailable` says why when a ring cannot be set up (old
 kernel, no libpcap, a seccomp'd container), and the caller falls back to the
@@ -34,7 +32,7 @@ import socket
 import struct
 from typing import Callable
 
-from sniffer.frames import LINKTYPE_ETHERNET, LINKTYPE_RAW, make_record_parser
+from sniffer.dissect import LINKTYPE_ETHERNET, LINKTYPE_RAW, make_dissector
 
 SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP = 1
@@ -82,11 +80,6 @@ _BLOCK_STATUS_OFFSET = 8
 _HDR = struct.Struct("IIIIIIHH")
 # The part of it the walk needs: tp_next_offset, tp_sec, tp_nsec, tp_snaplen, tp_len, tp_mac.
 _HDR_USED = struct.Struct("IIIII4xH")
-# Ethernet II + IPv4 without options + TCP from the EtherType on, as in `frames.ETHER_IPV4_FLOW`, but
-# EtherType and version/IHL as one 3-byte field (one comparison): head, total length, fragment field,
-# protocol, flow (addresses + ports), seq, ack, data offset, flags, window.
-_ETHER_IPV4_FLOW = struct.Struct("!3sxH2xHxBxx12sIIBBH")
-_IPV4_HEAD = b"\x08\x00\x45"
 _SLL_PKTTYPE_OFFSET = 48 + 10  # TPACKET_ALIGN(sizeof tpacket3_hdr) + offset of sll_pkttype in sockaddr_ll
 _BPF_INSN = struct.Struct("HBBI")
 _BPF_RET_K = 0x06
@@ -194,7 +187,7 @@ class PacketRing:
         if self.linktype is None:
             self.close()
             raise RingUnavailable(f"unsupported hardware type {self.hatype} on {interface}")
-        self._general = make_record_parser(self.linktype)
+        self._dissect = make_dissector(self.linktype)
         self.fd = sock.fileno()
         self.kernel_stats()  # reading resets the counters: start from zero
 
@@ -224,10 +217,9 @@ class PacketRing:
         """Append the records of every block handed over so far to `out`; return (last frame number, packets read).
 
         Frames are numbered from `frame` + 1. With `each`, every frame is first
-        shown to ``each(data, index_in_block, t, wirelen)``, and skipped
+        shown to ``each(data, number_it_would_get, t, wirelen)``, and skipped
         (not numbered) when it returns False: the caller's dedupe and pcap
-        writer; without it the common frame takes the fast path.
-        Loopback's outgoing copies are skipped as libpcap does.
+        writer. Loopback's outgoing copies are skipped as libpcap does.
         """
         mm = self._map
         if mm is None:
@@ -238,9 +230,7 @@ class PacketRing:
         status_pack = _BLOCK_STATUS.pack_into
         status_unpack = _BLOCK_STATUS.unpack_from
         hdr_unpack = _HDR_USED.unpack_from
-        general = self._general
-        ethernet = self.linktype == LINKTYPE_ETHERNET and each is None and not self.loopback
-        flow_unpack = _ETHER_IPV4_FLOW.unpack_from
+        dissect = self._dissect
         append = out.append
         loopback = self.loopback
         packets = 0
@@ -255,36 +245,18 @@ class PacketRing:
             off = base + first
             for _ in range(num):
                 next_off, sec, nsec, snap, wirelen, mac = hdr_unpack(mm, off)
-                t = sec + nsec * 1e-9
-                if ethernet and snap >= 54:
-                    # Inline `frames.record_ethernet`: the common frame in one more unpack (~0.7 us a
-                    # packet with the walk, against ~0.45 us for the model's feed_records).
-                    head, total, frag, proto, flow, seq, ack, offset, flags, window = flow_unpack(mm, off + mac + 12)
-                    if head == _IPV4_HEAD and proto == 6 and not frag & 0x1FFF and offset >= 0x50:
-                        payload = total - 20 - ((offset >> 4) << 2)
-                        if payload >= 0:
-                            frame += 1
-                            append((frame, t, flow, seq, ack, flags, window, payload))
-                            off += next_off
-                            continue
-                    record = general(mm, off + mac, off + mac + snap, frame + 1, t, wirelen)
-                    frame += 1  # a non-TCP frame that got through the filter still has its number
-                    if record is not None:
-                        out.append(record)
-                    off += next_off
-                    continue
-                if loopback and mm[off + _SLL_PKTTYPE_OFFSET] == PACKET_OUTGOING:
-                    packets -= 1
-                    off += next_off
-                    continue
-                if each is not None and not each(mm[off + mac:off + mac + snap], frame + 1, t, wirelen):
-                    off += next_off
-                    continue
-                frame += 1
-                record = general(mm, off + mac, off + mac + snap, frame, t, wirelen)
-                if record is not None:
-                    out.append(record)
+                start = off + mac
                 off += next_off
+                if loopback and mm[start - mac + _SLL_PKTTYPE_OFFSET] == PACKET_OUTGOING:
+                    packets -= 1
+                    continue
+                t = sec + nsec * 1e-9
+                if each is not None and not each(mm[start:start + snap], frame + 1, t, wirelen):
+                    continue
+                frame += 1  # a non-TCP frame that got through the filter still has its number
+                record = dissect(mm, start, start + snap, frame, t, wirelen)
+                if record is not None:
+                    append(record)
             status_pack(mm, base + _BLOCK_STATUS_OFFSET, TP_STATUS_KERNEL)  # hand the block back
             self._next_block = (self._next_block + 1) % count
             blocks += 1

@@ -1,6 +1,6 @@
 """Build TCP conversations segment by segment, with correct seq/ack arithmetic.
 
-Unit tests of the model describe a scenario in the words of KEEPALIVE.md
+Unit tests of the model describe a scenario in the words of docs/kernel-keepalive.md
 ("the server probes at 3.05, the client answers") and get the TcpSegments a
 capture of it would hold.
 """
@@ -100,3 +100,11 @@ class Conversation:
     def send_unacked(self, side: str, t: float, length: int) -> "Conversation":
         """Data the peer will not acknowledge (it stays in flight)."""
         return self.data(side, t, length)
+
+
+def judge_all(model, expectations, capture_end=None, hz=250):
+    """Every connection the model followed, judged as of `capture_end` (default: its last segment)."""
+    from analysis.pipeline import judge_in_order
+
+    end = capture_end if capture_end is not None else (model.last_t or 0.0)
+    return list(judge_in_order(model.connections, expectations, end, hz))

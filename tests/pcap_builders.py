@@ -2,7 +2,7 @@
 
 Everything here is written from the file-format specifications (pcap,
 pcapng, Linux cooked v1/v2, IPv4/IPv6, TCP) with `struct`, independently of
-`sniffer.frames`. A test describes a packet once as a `Tcp` and gets both the
+`sniffer.dissect`. A test describes a packet once as a `Tcp` and gets both the
 frame bytes and the `TcpSegment` kaobs must read back from them.
 
 Times are integer nanoseconds, so every timestamp resolution can be written

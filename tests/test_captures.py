@@ -186,7 +186,7 @@ def test_recorded_capture_is_headers_only(entry):
     The user's seed capture is kept byte for byte as recorded (snaplen 128,
     trust authentication, so no password in it) and is not checked here.
     """
-    from sniffer.frames import frame_snap_end
+    from sniffer.dissect import frame_snap_end
     from sniffer.pcapfile import walk_records
 
     def handler_for(linktype: int, units: int):

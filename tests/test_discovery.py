@@ -151,7 +151,7 @@ class FakeClient:
 def test_find_target_through_a_fake_engine(monkeypatch):
     import sniffer.discovery as discovery
 
-    monkeypatch.setattr(discovery, "_interface_exists", lambda name: name in ("docker0", "br-90f148a71f86", "lo"))
+    monkeypatch.setattr(discovery, "interface_exists", lambda name: name in ("docker0", "br-90f148a71f86", "lo"))
     client = FakeClient([container("/pg")], [DEFAULT_NET, USER_NET, NAMED_NET])
     assert find_target(container="pg", client=client) == Target(
         ["br-90f148a71f86"], ["172.18.0.2"], "container pg (172.18.0.2) on br-90f148a71f86")

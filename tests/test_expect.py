@@ -5,19 +5,11 @@ import dataclasses
 
 import pytest
 
-from analysis.expect import (
-    ExpectationError,
-    Expectations,
-    KernelDefaults,
-    Setting,
-    SideExpectation,
-    build_expectations,
-    parse_conninfo,
-    parse_expect,
-    parse_guc_value,
-    parse_sysctls,
-    redact_dsn,
-)
+from analysis.conninfo import parse_conninfo, redact_dsn
+from analysis.expect import Expectations, Setting, SideExpectation, build_expectations
+from analysis.gucvalue import parse_expect, parse_guc_value
+from analysis.kernel_defaults import KernelDefaults, parse_sysctls
+from analysis.settings import ExpectationError
 
 SECRET = "S3cr3tPw"
 

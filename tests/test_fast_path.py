@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from analysis.model import KeepaliveModel
-from sniffer.frames import flow_endpoints, record_segment
 from sniffer.pcapfile import CaptureReader
+from sniffer.records import flow_endpoints, segment_of
 from tests.pcap_builders import (
     CLIENT4,
     CLIENT6,
@@ -114,7 +114,7 @@ def test_reused_port_and_ignored_flow(tmp_path, linktype, client, server):
 def test_records_stand_for_the_segments(tmp_path):
     path = _write(tmp_path, "one.pcap", LINKTYPE_SLL2, conversation(CLIENT6, SERVER6))
     reader = CaptureReader(path)
-    assert [record_segment(r) for r in reader.records()] == list(reader)
+    assert [segment_of(r) for r in reader.records()] == list(reader)
     flow = next(iter(reader.records()))[2]
     assert flow_endpoints(flow) == (CLIENT6, 45734, SERVER6, 5432)
 

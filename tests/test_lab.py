@@ -5,7 +5,7 @@ kaobs/postgres:15-local), a psycopg client in a container of its own, a
 fault, and live capture, exactly as a user's `kaobs lab --format json`
 does; the test then checks the JSON report against what the settings tell
 the kernel to do — probe counts, idle and interval within the timer-wheel
-tolerance of `analysis.timers` (never a number copied from one run), the
+tolerance of `analysis.tolerance` (never a number copied from one run), the
 abort and its reason, the verdict and the exit code — and that nothing the
 lab created is left behind.
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from analysis.timers import timer_tolerance
+from analysis.tolerance import timer_tolerance
 
 pytestmark = pytest.mark.privileged
 
@@ -360,7 +360,7 @@ def test_sigterm_removes_everything_the_lab_created(when):
 
 def test_stale_leftovers_are_removed_and_live_ones_kept():
     """A leftover whose lab process is gone is removed; one of a running lab is not."""
-    from kaobs.labenv import LABEL, LABEL_PID, LABEL_STARTED, remove_labelled
+    from kaobs.lab.docker import LABEL, LABEL_PID, LABEL_STARTED, remove_labelled
 
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -394,8 +394,9 @@ def test_a_missing_image_is_one_line_and_never_pulled():
 
 def test_record_scenario_keeps_a_pcap_that_reads_back(tmp_path):
     """The recorders' entry point: a scenario played without the live view, its capture read back from the file."""
-    from analysis.analyze import analyze_segments
-    from kaobs.labenv import Scenario, record_scenario
+    from analysis.pipeline import analyze_segments
+    from kaobs.lab.run import record_scenario
+    from kaobs.lab.scenario import Scenario
     from sniffer.pcapfile import CaptureReader
 
     scenario = Scenario(server_settings=(("tcp_keepalives_idle", "1"), ("tcp_keepalives_interval", "1"),

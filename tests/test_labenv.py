@@ -10,35 +10,42 @@ import json
 import pytest
 
 from analysis.model import CLIENT, SERVER
-from kaobs.lab import parse_session, scenario_from_options
-from kaobs.labclient import conninfo_for
-from kaobs.labenv import (
-    FAULT_CLIENT_VANISHES,
-    FAULT_NONE,
-    FAULT_SERVER_VANISHES,
+from kaobs.lab.client import conninfo_for
+from kaobs.lab.docker import (
     LABEL,
     LABEL_PID,
     LABEL_STARTED,
-    MAX_DURATION_S,
     STALE_AFTER_S,
+    client_spec,
+    docker_run_client,
+    docker_run_server,
+    is_stale,
+)
+from kaobs.lab.plan import (
+    abort_after_last_answer,
+    client_timers,
+    expected_end,
+    fault_delay,
+    server_timers,
+    time_bound,
+)
+from kaobs.lab.run import WireWatch
+from kaobs.lab.scenario import (
+    FAULT_CLIENT_VANISHES,
+    FAULT_NONE,
+    FAULT_SERVER_VANISHES,
+    MAX_DURATION_S,
     LabError,
     Scenario,
     Session,
-    WireWatch,
-    client_spec,
-    client_timers,
-    docker_run_client,
-    docker_run_server,
     expect_items,
-    expected_end,
-    fault_delay,
-    is_stale,
+    parse_session,
+    scenario_from_options,
     server_command,
-    server_timers,
     session_expectations,
     session_server_settings,
-    time_bound,
 )
+from sniffer.records import record_of
 from tests.builders import Conversation
 
 KERNEL = {"net.ipv4.tcp_keepalive_time": 7200, "net.ipv4.tcp_keepalive_intvl": 75, "net.ipv4.tcp_keepalive_probes": 9}
@@ -163,9 +170,9 @@ def test_user_timeout_abort_comes_at_the_first_probe_tick_past_it():
     scenario = Scenario(server_settings=(("tcp_keepalives_idle", "1"), ("tcp_keepalives_interval", "1"),
                                          ("tcp_keepalives_count", "10"), ("tcp_user_timeout", "4000")))
     timers = server_timers(scenario, scenario.sessions[0])
-    # KEEPALIVE.md: last ACK 2.06, probes 3.08 4.11 5.13, RST 6.15: ~4 s after the last accepted packet
-    assert timers.abort_after_last_answer() == pytest.approx(4.0)
-    assert timers.abort_after_last_answer() < timers.idle + timers.count * timers.interval
+    # docs/kernel-keepalive.md: last ACK 2.06, probes 3.08 4.11 5.13, RST 6.15: ~4 s after the last accepted packet
+    assert abort_after_last_answer(timers) == pytest.approx(4.0)
+    assert abort_after_last_answer(timers) < timers.idle + timers.count * timers.interval
 
 
 def test_server_vanishing_is_timed_by_the_clients_keepalives():
@@ -274,8 +281,7 @@ def test_wire_watch_counts_answered_probes_per_side_and_ends():
     conv.probe("client", 6.5)  # unanswered client probe: counted for nobody
     conv.probe("server", 9.0).probe("server", 11.0).rst("server", 13.0)
     watch = WireWatch([5432])
-    for segment in conv.segments:
-        watch.feed(segment)
+    watch.feed([record_of(segment) for segment in conv.segments])
     connections, answered, ended, last_end = watch.snapshot()
     assert list(connections) == [1]
     assert answered == {(1, SERVER): 2}
@@ -288,10 +294,10 @@ def test_wire_watch_counts_answered_probes_per_side_and_ends():
 
 def test_silence_after_zero_window_probes_is_not_keepalive_idle():
     """The persist timer backs off to gaps longer than the idle; the keepalive timer is off meanwhile."""
-    from analysis.analyze import judge_all
-    from analysis.model import KeepaliveModel
     from analysis.expect import build_expectations
-    from analysis.live import LiveMonitor
+    from analysis.model import KeepaliveModel
+    from analysis.outlook import LiveMonitor
+    from tests.builders import judge_all
 
     conv = Conversation().handshake().exchange(0.01)
     conv.data("server", 0.05, 1448)

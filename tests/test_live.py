@@ -21,9 +21,8 @@ from dataclasses import dataclass
 import pytest
 
 from analysis.model import KeepaliveModel
-from sniffer.live import LiveCapture, bpf_filter
-from sniffer.records import CaptureError, SYN
-
+from sniffer.capture import LiveCapture, bpf_filter
+from sniffer.records import SYN, CaptureError, segment_of
 
 # -- pure ---------------------------------------------------------------------------
 
@@ -191,9 +190,10 @@ def vanishing_client_scenario(peer: NetnsPeer, answered_for: float = 2.6) -> dic
 
 
 def collect(capture: LiveCapture, into: list) -> threading.Thread:
+    """Read the capture in a thread, into a list of TcpSegments."""
     def loop():
-        for segment in capture:
-            into.append(segment)
+        for record in capture:
+            into.append(segment_of(record))
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from analysis.expect import build_expectations
-from analysis.live import LiveMonitor
 from analysis.model import KeepaliveModel
+from analysis.outlook import LiveMonitor
 from tests.builders import Conversation
 from tests.test_model import SEED_EXPECT, seed_conversation
 

@@ -1,15 +1,15 @@
 """The keepalive model and verdicts on segments built in code, one rule at a time.
 
-Scenarios and numbers come from ../shared/reference/KEEPALIVE.md.
+Scenarios and numbers come from docs/kernel-keepalive.md (and the captures it cites).
 """
 from __future__ import annotations
 
 import pytest
 
-from analysis.analyze import analyze_segments
 from analysis.expect import build_expectations
 from analysis.model import KeepaliveModel, seq_diff
-from analysis.timers import timer_tolerance, wheel_granularity
+from analysis.pipeline import analyze_segments
+from analysis.tolerance import timer_tolerance, wheel_granularity
 from tests.builders import Conversation, Peer
 
 
@@ -330,7 +330,7 @@ def test_reset_after_the_prober_sent_data_is_not_a_keepalive_abort():
     _, [report] = run(conv)
     assert report.connection.end_reason == "reset"
     assert report.client.abort is None
-    assert [p.answer_lost for p in report.connection.client.keepalive_probes()] == [False]
+    assert [p.answer_lost for p in report.client.probes] == [False]
 
 
 def test_port_reuse_leaves_the_old_connections_end_at_its_last_segment():

@@ -21,12 +21,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sniffer.frames import (
+from sniffer.dissect import (
+    dissect_frame,
     frame_header_end,
     frame_snap_end,
-    make_buffer_parser,
-    make_dedupe_key,
-    make_frame_parser,
+    make_dissector,
+    make_header_key,
     supported_linktypes,
 )
 from sniffer.pcapfile import CaptureReader
@@ -172,19 +172,19 @@ def test_frame_parsers_on_random_frames(linktype, frame, prefix, wirelen):
         frame = b"\x00" * 12 + b"\x86\xdd\x60" + frame
     elif prefix == "sll2":
         frame = b"\x08\x00" + frame
-    segment = make_frame_parser(linktype)(frame, 1, 0.0)
-    assert segment is None or isinstance(segment, TcpSegment) and segment.payload_len >= 0
-    padded = b"\xff" * 5 + frame + b"\xee" * 7  # parsed in place inside a larger buffer
-    segment_in_place = make_buffer_parser(linktype)(padded, 5, 5 + len(frame), 1, 0.0, wirelen)
-    assert (segment is None) == (segment_in_place is None)
+    record = dissect_frame(linktype, frame, 1, 0.0)
+    assert record is None or isinstance(record, tuple) and record[7] >= 0
+    padded = b"\xff" * 5 + frame + b"\xee" * 7  # dissected in place inside a larger buffer
+    record_in_place = make_dissector(linktype)(padded, 5, 5 + len(frame), 1, 0.0, wirelen)
+    assert (record is None) == (record_in_place is None)
     snap = frame_snap_end(linktype, frame)
     header = frame_header_end(linktype, frame)
     assert 0 <= snap <= len(frame)
     assert header is None or header == snap
-    if segment is not None:
+    if record is not None:
         assert header is not None  # every segment has a TCP header to keep
-    key = make_dedupe_key(linktype)(padded, 5, 5 + len(frame))
-    assert key is None or isinstance(key[0], bytes)
+    key = make_header_key(linktype)(padded, 5, 5 + len(frame))
+    assert key is None or isinstance(key, bytes)
 
 
 _MEASURE = """

@@ -16,9 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sniffer.frames import frame_snap_end, make_buffer_parser
+from sniffer.dissect import frame_snap_end, make_dissector
 from sniffer.pcapwrite import PcapWriter, strip_payloads
-from sniffer.records import CaptureError
+from sniffer.records import CaptureError, segment_of
 from tests.pcap_builders import (
     CLIENT4,
     CLIENT6,
@@ -395,11 +395,12 @@ def test_headers_only_cut_reads_the_same(packet, linktype, vlans):
         frame = ether(packet.ip_packet(), packet.ethertype, [(ETH_VLAN, 7)] * vlans)
     else:
         frame = frame_for(linktype, packet)
-    parse = make_buffer_parser(linktype)
-    whole = parse(frame, 0, len(frame), 1, 0.0, len(frame))
+    dissect = make_dissector(linktype)
+    whole = dissect(frame, 0, len(frame), 1, 0.0, len(frame))
     snap = frame_snap_end(linktype, frame)
-    cut = parse(frame, 0, snap, 1, 0.0, len(frame))
+    cut = dissect(frame, 0, snap, 1, 0.0, len(frame))
     assert whole is not None and cut == whole
+    cut = segment_of(cut)
     assert (cut.seq, cut.ack, cut.payload_len) == (packet.seq, packet.ack, len(packet.payload))
     assert snap == len(frame) - len(packet.payload)
 
@@ -407,7 +408,7 @@ def test_headers_only_cut_reads_the_same(packet, linktype, vlans):
 @settings(max_examples=500, deadline=None, derandomize=True)
 @given(linktype=st.sampled_from(LINKTYPES), frame=st.binary(max_size=200), wirelen=st.integers(0, 70000))
 def test_headers_only_cut_of_random_frames(linktype, frame, wirelen):
-    parse = make_buffer_parser(linktype)
+    dissect = make_dissector(linktype)
     wirelen = max(wirelen, len(frame))
     snap = frame_snap_end(linktype, frame)
-    assert parse(frame, 0, snap, 1, 0.0, wirelen) == parse(frame, 0, len(frame), 1, 0.0, wirelen)
+    assert dissect(frame, 0, snap, 1, 0.0, wirelen) == dissect(frame, 0, len(frame), 1, 0.0, wirelen)

@@ -8,29 +8,34 @@ import sys
 import pytest
 from rich.console import Console
 
-from analysis.expect import ExpectationError, build_expectations, parse_sysctls
+from analysis.expect import build_expectations
+from analysis.kernel_defaults import parse_sysctls
 from analysis.model import KeepaliveModel
-from analysis.pgmeta import (
+from analysis.pgsessions import (
     Backend,
     BackendTracker,
-    GucReading,
-    KernelReading,
     PostgresView,
     ServerInfo,
     abort_checks,
-    apply_session_options,
-    connection_lines,
     match_connections,
     normalize_address,
-    server_expectation,
     session_notes,
-    session_options,
     staleness_warning,
+)
+from analysis.pgsettings import (
+    GucReading,
+    KernelReading,
+    apply_session_options,
+    server_expectation,
+    session_options,
     unix_socket_reason,
 )
-from analysis.report import AnalysisRun, render_text, to_json
+from analysis.pipeline import AnalysisRun
+from analysis.settings import ExpectationError
 from analysis.verdict import judge_connection
-from kaobs.pgsource import explain_connect_error
+from kaobs.postgres import explain_connect_error
+from kaobs.report import postgres_connection_lines as connection_lines
+from kaobs.report import render_text, to_json
 from tests.builders import Conversation, Peer
 
 T0 = 1_700_000_000.0

@@ -1,6 +1,6 @@
 """Postgres awareness against a real server in the lab (privileged: Docker, packet capture, netns).
 
-One lab (kaobs.labenv) for the module: PostgreSQL 15 started as
+One lab (kaobs.lab) for the module: PostgreSQL 15 started as
 ``postgres --tcp_keepalives_idle=7 --tcp_user_timeout=5000`` on an internal
 Docker network of its own, reached from the host at its bridge address; a
 monitoring role with only pg_read_all_settings and pg_read_all_stats; a
@@ -22,24 +22,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import psycopg
 import pytest
 from rich.console import Console
 
-from analysis.analyze import judge_all
-from analysis.expect import build_expectations, parse_guc_value
+from analysis.expect import build_expectations
+from analysis.gucvalue import parse_guc_value
 from analysis.model import KeepaliveModel
-from analysis.report import AnalysisRun, render_text, to_json
-from kaobs.pgsource import (
-    LivePostgres,
-    PostgresError,
-    PostgresSource,
+from analysis.pipeline import AnalysisRun
+from kaobs.postgres import (
+    MonitoringSession,
+    Postgres,
     read_container_kernel,
-    read_server,
 )
+from kaobs.report import render_text, to_json
 from sniffer.pcapfile import CaptureReader
+from tests.builders import judge_all
 
 pytestmark = pytest.mark.privileged
 
@@ -79,7 +78,8 @@ def _model(path: str) -> KeepaliveModel:
 
 @pytest.fixture(scope="module")
 def lab():
-    from kaobs.labenv import FAULT_NONE, LabEnvironment, Scenario, Session
+    from kaobs.lab.docker import LabEnvironment
+    from kaobs.lab.scenario import FAULT_NONE, Scenario, Session
 
     if shutil.which("tcpdump") is None:
         pytest.fail("tcpdump is needed for the privileged Postgres tests")
@@ -157,12 +157,12 @@ def _backend_pid(lab: Lab, port: int) -> int | None:
 
 
 def test_settings_read_from_the_server_match_the_lab_command_line(lab):
-    with PostgresSource(lab.monitor_dsn) as source:
+    with MonitoringSession(lab.monitor_dsn) as source:
         info = source.server_info()
         readings = {r.name: r for r in source.read_settings()}
     assert info.address == lab.env.server.ip and info.port == 5432 and info.missing_roles == ()
     given = {}
-    from kaobs.labenv import server_command
+    from kaobs.lab.scenario import server_command
 
     for arg in server_command(lab.scenario)[1:]:
         name, _, value = arg.removeprefix("--").partition("=")
@@ -176,7 +176,7 @@ def test_settings_read_from_the_server_match_the_lab_command_line(lab):
     assert readings["tcp_keepalives_interval"].session == kernel["net.ipv4.tcp_keepalive_intvl"]
     assert readings["tcp_keepalives_count"].session == kernel["net.ipv4.tcp_keepalive_probes"]
 
-    snapshot = read_server(lab.monitor_dsn, build_expectations(), container=lab.env.server.name)
+    snapshot = Postgres.read(lab.monitor_dsn, build_expectations(), container=lab.env.server.name)
     server = snapshot.expectations.server
     assert (server.idle.value, server.interval.value, server.count.value, server.user_timeout.value) == (
         7, kernel["net.ipv4.tcp_keepalive_intvl"], kernel["net.ipv4.tcp_keepalive_probes"], 5.0)
@@ -187,7 +187,7 @@ def test_settings_read_from_the_server_match_the_lab_command_line(lab):
 
 
 def test_without_pg_read_all_stats_other_sessions_are_hidden(lab):
-    with PostgresSource(lab.plain_dsn) as source:
+    with MonitoringSession(lab.plain_dsn) as source:
         info = source.server_info()
         backends = [b for b in source.poll_backends() if b.pid != info.own_pid]
     assert set(info.missing_roles) == {"pg_read_all_settings", "pg_read_all_stats"}
@@ -328,7 +328,8 @@ def test_backend_gone_after_a_vanished_clients_abort_and_a_busy_one_outlives_it(
                               lab.monitor_dsn, "--duration", "18", "--format", "json"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     watch_started = time.monotonic()
-    expectations, live = LivePostgres.start(lab.monitor_dsn, build_expectations(), poll_every=0.2, confirm_timeout=4.0)
+    live = Postgres.read(lab.monitor_dsn, build_expectations(), live=True, poll_every=0.2, confirm_timeout=4.0)
+    expectations = live.expectations
     try:
         wait_until = time.monotonic() + 10  # tcpdump writes what it read; under load it may lag a little
         while True:

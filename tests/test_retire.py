@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
+import analysis.pipeline as pipeline
 import kaobs.cli as cli
 from analysis.model import KeepaliveModel
-from analysis.spool import ConnectionSpool
+from kaobs.spool import ConnectionSpool
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPTURES = ROOT / "captures"
@@ -53,7 +54,7 @@ def run_cli(monkeypatch, capsys, argv: list[str], linger: float | None) -> tuple
             patch.setattr(cli, "ConnectionSpool", lambda: None)
         else:
             patch.setattr(cli, "ConnectionSpool", CountingSpool)
-            patch.setattr(cli, "KeepaliveModel", functools.partial(KeepaliveModel, linger=linger))
+            patch.setattr(pipeline, "KeepaliveModel", functools.partial(KeepaliveModel, linger=linger))
         capsys.readouterr()
         code = cli.run(["analyze", *argv])
         return code, capsys.readouterr().out

@@ -16,9 +16,15 @@ import time
 import pytest
 
 import sniffer.ring as ring_module
-from sniffer.frames import record_segment
-from sniffer.live import LiveCapture
-from sniffer.ring import SNAPLEN, PacketRing, RingUnavailable, compile_bpf, patched_filter
+from sniffer.capture import LiveCapture
+from sniffer.records import segment_of
+from sniffer.ring import (
+    SNAPLEN,
+    PacketRing,
+    RingUnavailable,
+    compile_bpf,
+    patched_filter,
+)
 
 _INSN = struct.Struct("HBBI")
 _RET_K = 0x06
@@ -115,15 +121,15 @@ def test_ring_and_socket_paths_see_the_same_segments_with_the_same_kernel_times(
     with socket_capture:
         monkeypatch.delenv("KAOBS_CAPTURE")
         with ring_capture:
-            assert ring_capture.path == "ring" and ring_capture.reads_records
-            assert socket_capture.path == "socket" and not socket_capture.reads_records
+            assert ring_capture.path == "ring"
+            assert socket_capture.path == "socket"
             assert socket_capture.path_notes == ["KAOBS_CAPTURE=socket"]
             _conversation(port, b"q" * 3000)
-            records = _drain_until_quiet(ring_capture.read_records)
-            segments = _drain_until_quiet(socket_capture.read)
+            records = _drain_until_quiet(ring_capture.read)
+            segments = [segment_of(r) for r in _drain_until_quiet(socket_capture.read)]
             ring_stats, socket_stats = ring_capture.stats(), socket_capture.stats()
     assert len(records) == len(segments) >= 3 + 5 + 5  # handshake, requests, answers (ACKs, FINs besides)
-    from_ring = [record_segment(r) for r in records]
+    from_ring = [segment_of(r) for r in records]
     assert [s.frame for s in from_ring] == list(range(1, len(records) + 1))
     def shape(s):
         return (s.src, s.sport, s.dst, s.dport, s.seq, s.ack, s.flags, s.window, s.payload_len)
@@ -138,7 +144,7 @@ def test_ring_and_socket_paths_see_the_same_segments_with_the_same_kernel_times(
 
 
 @pytest.mark.privileged
-def test_read_gives_segments_numbered_like_the_headers_only_pcap(tmp_path):
+def test_read_gives_records_numbered_like_the_headers_only_pcap(tmp_path):
     from sniffer.pcapfile import CaptureReader
 
     port = _free_port()
@@ -146,7 +152,7 @@ def test_read_gives_segments_numbered_like_the_headers_only_pcap(tmp_path):
     with LiveCapture(["lo"], [port], write=str(pcap)) as capture:
         assert capture.path == "ring"
         _conversation(port, b"secret" * 500, rounds=3)
-        segments = _drain_until_quiet(capture.read)
+        segments = [segment_of(r) for r in _drain_until_quiet(capture.read)]
     offline = list(CaptureReader(str(pcap)))
     assert [(s.frame, s.seq, s.ack, s.flags, s.payload_len) for s in offline] == \
         [(s.frame, s.seq, s.ack, s.flags, s.payload_len) for s in segments]
@@ -163,22 +169,22 @@ def test_read_gives_segments_numbered_like_the_headers_only_pcap(tmp_path):
 
 
 @pytest.mark.privileged
-def test_stop_wakes_a_blocked_read_records_promptly():
+def test_stop_wakes_a_blocked_read_promptly():
     with LiveCapture(["lo"], [_free_port()]) as capture:
-        assert capture.reads_records
+        assert capture.path == "ring"
         threading.Timer(0.2, capture.stop).start()
         started = time.monotonic()
-        assert capture.read_records(5.0) == []
+        assert capture.read(5.0) == []
         assert time.monotonic() - started < 0.4
-        assert capture.read_records(5.0) == []  # stopped: returns at once
+        assert capture.read(5.0) == []  # stopped: returns at once
 
 
 @pytest.mark.privileged
-def test_duration_bounds_read_records():
+def test_duration_bounds_read():
     with LiveCapture(["lo"], [_free_port()], duration=0.3) as capture:
         started = time.monotonic()
         while not capture.stopped:
-            capture.read_records(5.0)
+            capture.read(5.0)
         assert time.monotonic() - started < 0.6
 
 
@@ -191,18 +197,6 @@ def test_no_ring_falls_back_to_the_socket_and_says_why(monkeypatch):
     with LiveCapture(["lo"], [_free_port()]) as capture:
         assert capture.path == "socket"
         assert capture.path_notes == ["no TPACKET_V3 ring on lo: Operation not supported"]
-        assert not capture.reads_records
-
-
-@pytest.mark.privileged
-def test_a_subclass_that_overrides_read_gets_segments_not_records():
-    class Tapped(LiveCapture):
-        def read(self, timeout: float = 0.1):
-            return super().read(timeout)
-
-    with Tapped(["lo"], [_free_port()]) as capture:
-        assert capture.path == "ring"
-        assert not capture.reads_records
 
 
 @pytest.mark.privileged

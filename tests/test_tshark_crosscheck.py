@@ -40,7 +40,6 @@ import pytest
 
 from tests.test_captures import CAPTURES, ENTRIES, analyse
 
-
 FIELDS = ["frame.number", "frame.time_epoch", "sll.ifindex", "ip.src", "ipv6.src", "ip.id", "tcp.srcport", "tcp.dstport",
           "tcp.seq_raw", "tcp.ack_raw", "tcp.flags", "tcp.len", "tcp.window_size_value", "tcp.options.timestamp.tsval",
           "tcp.analysis.keep_alive"]

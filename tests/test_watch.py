@@ -20,11 +20,12 @@ import pytest
 from rich.console import Console
 
 from analysis.expect import build_expectations
-from analysis.live import LiveMonitor
-from analysis.live_view import LiveHeader, alarm_line, event_line, live_table, live_view
 from analysis.model import KeepaliveModel
+from analysis.outlook import LiveMonitor
+from kaobs.liveview import LiveHeader, alarm_line, event_line, live_table, live_view
 from kaobs.watch import install_stop_handlers, run_live
-from sniffer.live import LiveStats
+from sniffer.capture import LiveStats
+from sniffer.records import record_of
 from tests.builders import Conversation
 from tests.test_model import SEED_EXPECT, seed_conversation
 
@@ -38,7 +39,7 @@ class FakeClock:
 
 
 class ReplayCapture:
-    """Stands in for LiveCapture: hands out recorded segments as the simulated clock passes them."""
+    """Stands in for LiveCapture: hands out the records of recorded segments as the simulated clock passes them."""
 
     interfaces = ["fake0"]
     filter = "tcp port 5432"
@@ -61,7 +62,7 @@ class ReplayCapture:
         self.clock.t += max(timeout, 0.001)
         out = []
         while self.pending and self.pending[0].t <= self.clock.t:
-            out.append(self.pending.pop(0))
+            out.append(record_of(self.pending.pop(0)))
         self.delivered += len(out)
         return out
 
@@ -306,7 +307,7 @@ def test_watch_needs_root_says_so_in_one_line():
 
 
 def test_json_output_contract_on_replay(capsys):
-    from analysis.report import to_json
+    from kaobs.report import to_json
 
     run, reports, _, _ = replay(seed_conversation(), output_format="json")
     doc = json.loads(json.dumps(to_json(run, reports, build_expectations(SEED_EXPECT))))
@@ -367,7 +368,7 @@ def pcap_records(path: str) -> list[tuple[int, int, bytes]]:
 
 
 def assert_headers_only(path: str) -> int:
-    from sniffer.frames import frame_header_end
+    from sniffer.dissect import frame_header_end
 
     records = pcap_records(path)
     for caplen, wirelen, frame in records:

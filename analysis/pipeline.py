@@ -1,0 +1,111 @@
+"""The analysis pipeline that `kaobs analyze`, `kaobs watch` and `kaobs lab` share: records in, judged connections out.
+
+`Analysis` feeds the keepalive model with records (from files, the live ring
+or socket, whatever the source), and at the end judges every connection it
+followed against the expectations, one at a time and in order. With a
+`RetiredStore` (a place for ended connections, `kaobs.spool` puts them on a
+temporary file) memory stays bounded by the connections alive at a time,
+whatever their number. `AnalysisRun` holds what the reports say about the
+input itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Sequence
+
+from analysis.expect import Expectations
+from analysis.model import Connection, KeepaliveModel, ModelEvent, RetiredStore
+from analysis.tolerance import DEFAULT_HZ
+from analysis.verdict import VERDICTS, ConnectionReport, judge_connection
+from sniffer.records import Record, TcpSegment
+
+
+@dataclass(slots=True)
+class AnalysisRun:
+    """Everything a report needs besides the connections."""
+
+    sources: list[str]
+    packets: int = 0
+    segments: int = 0
+    duplicates: int = 0
+    ignored_segments: int = 0
+    capture_start: float | None = None
+    capture_end: float | None = None
+    warnings: list[str] = field(default_factory=list)
+    hz: int = DEFAULT_HZ
+    kernel_drops: int | None = None
+    """Live capture only: packets the kernel dropped before kaobs could read them (None for files)."""
+    capture_path: str | None = None
+    """Live capture only: how packets were read ("ring": mmap'd TPACKET_V3 ring, "socket": recvmsg per packet)."""
+
+
+class Analysis:
+    """The model over one capture, and the judging of what it followed.
+
+    `retired`, when given, receives connections that ended and went quiet
+    (see `KeepaliveModel`); `reports` then reads them back in order.
+    """
+
+    def __init__(self, ports: Iterable[int] = (5432,), *, retired: RetiredStore | None = None,
+                 on_event: Callable[[ModelEvent], None] | None = None, hz: int = DEFAULT_HZ) -> None:
+        self.model = KeepaliveModel(ports, on_event=on_event, retired=retired)
+        self.retired = retired
+        self.hz = hz
+
+    def feed(self, records: Iterable[Record]) -> None:
+        self.model.feed_records(records)
+
+    def finish(self, end_t: float | None = None) -> None:
+        self.model.finish(end_t)
+
+    @property
+    def capture_end(self) -> float:
+        model = self.model
+        return model.capture_end if model.capture_end is not None else (model.last_t or 0.0)
+
+    def connections(self) -> Iterator[Connection]:
+        """Every connection followed, by index: the live ones from the model, the others from the store.
+
+        A live connection wins over a stored copy (one taken back after it was
+        retired, and still live).
+        """
+        model, store = self.model, self.retired
+        live = {conn.index: conn for conn in model.connections}
+        for index in range(1, model.opened + 1):
+            conn = live.get(index)
+            if conn is None and store is not None and store.holds(index):
+                conn = store.get(index)
+            if conn is not None:
+                yield conn
+
+    def reports(self, expectations: Expectations | None, capture_end: float | None = None) -> Iterator[ConnectionReport]:
+        """Each connection judged as of `capture_end` (default: the end of the capture), one at a time."""
+        return judge_in_order(self.connections(), expectations,
+                              self.capture_end if capture_end is None else capture_end, self.hz)
+
+
+def judge_in_order(connections: Iterable[Connection], expectations: Expectations | None, capture_end: float,
+                   hz: int = DEFAULT_HZ) -> Iterator[ConnectionReport]:
+    """Judge connections one at a time against the expectations of both sides."""
+    server = expectations.server if expectations is not None else None
+    client = expectations.client if expectations is not None else None
+    for conn in connections:
+        yield judge_connection(conn, server, client, capture_end, hz)
+
+
+def tally(reports: Iterable[ConnectionReport]) -> dict[str, int]:
+    """How many connections got each verdict, in the order the reports list them."""
+    counts = dict.fromkeys(VERDICTS, 0)
+    for report in reports:
+        counts[report.verdict] += 1
+    return counts
+
+
+def analyze_segments(segments: Iterable[TcpSegment], expectations: Expectations | None,
+                     server_ports: Sequence[int] = (5432,), hz: int = DEFAULT_HZ
+                     ) -> tuple[KeepaliveModel, list[ConnectionReport]]:
+    """The model over a finished stream of TcpSegments, and its judged connections (for tests and tools)."""
+    analysis = Analysis(server_ports, hz=hz)
+    analysis.model.feed_all(segments)
+    analysis.finish()
+    return analysis.model, list(analysis.reports(expectations))

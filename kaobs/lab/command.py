@@ -1,0 +1,274 @@
+"""`kaobs lab`: the seed's experiment, end to end, in about 20 seconds.
+
+Postgres starts in Docker as the seed ran it (``postgres
+--tcp_keepalives_idle=3 --tcp_keepalives_interval=2
+--tcp_keepalives_count=3``), a persistent psycopg client connects from a
+container of its own and goes idle, the server's probes are answered twice,
+then the client vanishes (its packets are dropped) and the server probes,
+gives up and resets, all shown live by the same pipeline as `kaobs watch`,
+then judged against the lab's own settings, and everything the lab created
+is removed. Options change the settings, the client, the fault and the
+image; `--expect` and friends replace the lab's expectations (a deliberately
+wrong one must end with exit 1).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from typing import Sequence
+
+import click
+from rich.console import Console
+
+from analysis.expect import Expectations, build_expectations
+from analysis.pipeline import AnalysisRun, tally
+from analysis.settings import LIBPQ_KEYWORDS, ExpectationError
+from analysis.verdict import ConnectionReport, judge_connection
+from kaobs.lab.docker import (
+    DEFAULT_IMAGE,
+    IMAGE_ENV,
+    check_docker,
+    check_image,
+    check_tools,
+)
+from kaobs.lab.plan import expected_end
+from kaobs.lab.run import LabEvent, LabRun
+from kaobs.lab.scenario import (
+    FAULT_CLIENT_VANISHES,
+    FAULT_NONE,
+    FAULT_STOPS_READING,
+    LAB_FAULTS,
+    LabError,
+    Scenario,
+    client_conninfo_params,
+    expect_items,
+    scenario_from_options,
+    server_command,
+    sysctl_items,
+    vanishing_side,
+)
+from kaobs.options import UserError, expectation_options
+from kaobs.report import echo_json, render_text, text_console, to_json
+from kaobs.status import exit_status
+from kaobs.watch import run_live
+from sniffer.records import CaptureError
+
+
+def lab_expectations(lab: LabRun, client_endpoint: str, user: tuple[Sequence[str], str | None, Sequence[str]]) -> Expectations:
+    """The lab's expectation for one connection; the user's --expect/--client-dsn/--sysctl replace its own.
+
+    --expect replaces the server side, --client-dsn the client side, --sysctl
+    the kernel defaults measured in the containers (for the lab's own
+    settings too). The side that vanished stays unjudged unless the user
+    gave an expectation for it.
+    """
+    own = lab.expectations_for(client_endpoint)
+    expect, client_dsn, sysctls = user
+    if not expect and client_dsn is None and not sysctls:
+        return own
+    defaults = list(sysctls) or sysctl_items(lab.env.server_sysctls, lab.env.client_sysctls)
+    session = lab.scenario.sessions[lab.sessions_by_port.get(client_endpoint, 0)]
+    gone = vanishing_side(lab.scenario.fault)
+    try:
+        if expect:
+            server = build_expectations(expect, None, defaults).server
+        elif sysctls and gone != "server":
+            server = build_expectations(expect_items(lab.scenario, session), None, defaults).server
+        else:
+            server = own.server
+        if client_dsn is not None:
+            client = build_expectations((), client_dsn, defaults).client
+        elif sysctls and gone != "client":
+            client = build_expectations((), client_conninfo_params(lab.scenario), defaults).client
+        else:
+            client = own.client
+    except ExpectationError as error:
+        raise LabError(str(error)) from None
+    return Expectations(server, client)
+
+
+def rejudge(lab: LabRun, run: AnalysisRun, reports: list[ConnectionReport], user, hz: int) -> list[ConnectionReport]:
+    """Judge each connection against its own session's expectation (sessions can differ)."""
+    end = run.capture_end if run.capture_end is not None else 0.0
+    out = []
+    for report in reports:
+        conn = report.connection
+        exp = lab_expectations(lab, conn.client.endpoint, user)
+        server = exp.server if exp.server.judged() else None
+        client = exp.client if exp.client.judged() else None
+        out.append(judge_connection(conn, server, client, end, hz))
+    return out
+
+
+def lab_json(lab: LabRun, image: str) -> dict:
+    """What the lab did, for the JSON report's "lab" key (no password anywhere)."""
+    scenario = lab.scenario
+    return {
+        "image": image,
+        "run_id": lab.env.run_id,
+        "network": lab.env.network,
+        "bridge": lab.env.bridge,
+        "server": {"container": lab.env.server.name if lab.env.server else None,
+                   "address": lab.env.server.ip if lab.env.server else None,
+                   "command": server_command(scenario),
+                   "sysctls": lab.env.server_sysctls},
+        "client": {"container": lab.env.client.name if lab.env.client else None,
+                   "address": lab.env.client.ip if lab.env.client else None,
+                   "libpq": dict(scenario.client_params),
+                   "sysctls": lab.env.client_sysctls},
+        "sessions": [
+            {"index": i, "options": [list(o) for o in s.options], "sets": [list(o) for o in s.sets],
+             "stop_reading": s.stop_reading,
+             "client": next((port for port, index in lab.sessions_by_port.items() if index == i), None),
+             "shown": lab.session_settings.get(i)}
+            for i, s in enumerate(scenario.sessions)
+        ],
+        "fault": {"kind": scenario.fault, "t": lab.fault_t, "method": lab.env.fault_method or None,
+                  "after_answered": scenario.fault_after_answered},
+        "ready_t": lab.ready_t,
+        "end_reason": lab.end_reason,
+        "time_bound": lab.bound,
+        "events": [{"t": e.t, "kind": e.kind, "message": e.message} for e in lab.events],
+    }
+
+
+@click.command()
+@click.option("--image", default=lambda: os.environ.get(IMAGE_ENV, DEFAULT_IMAGE), show_default=f"${IMAGE_ENV} or {DEFAULT_IMAGE}",
+              help="Postgres image (official interface); never pulled. CI uses kaobs/postgres:15-local.")
+@click.option("--tcp-keepalives-idle", "idle", default="3", show_default=True, metavar="VALUE",
+              help="Server GUC tcp_keepalives_idle (Postgres units; 0 = kernel default).")
+@click.option("--tcp-keepalives-interval", "interval", default="2", show_default=True, metavar="VALUE")
+@click.option("--tcp-keepalives-count", "count", default="3", show_default=True, metavar="VALUE")
+@click.option("--tcp-user-timeout", "user_timeout", default=None, metavar="VALUE", help="Server GUC tcp_user_timeout (ms).")
+@click.option("-c", "settings", multiple=True, metavar="NAME=VALUE", help="Any server setting, as postgres -c. Repeatable.")
+@click.option("--server-sysctl", multiple=True, metavar="NAME=N",
+              help="Kernel default in the server's namespace: docker run --sysctl net.ipv4.tcp_keepalive_time=N (also _intvl, _probes).")
+@click.option("--client-sysctl", multiple=True, metavar="NAME=N", help="The same for the client's namespace.")
+@click.option("--libpq", multiple=True, metavar="KEY=VALUE",
+              help=f"Client libpq parameter: {', '.join(LIBPQ_KEYWORDS)}.")
+@click.option("--session", "sessions", multiple=True, metavar="SPEC",
+              help="One client connection each (default: one): 'default', or 'set:NAME=V,options:NAME=V' per-session settings.")
+@click.option("--fault", type=click.Choice(LAB_FAULTS), default=FAULT_CLIENT_VANISHES, show_default=True,
+              help="client-vanishes / server-vanishes: every packet of that side dropped (no FIN, no RST); "
+                   "client-stops-reading: a large result never read (zero-window probes); none.")
+@click.option("--answered", type=click.IntRange(0, 100), default=2, show_default=True,
+              help="The fault comes after this many answered probes of the side that must notice it.")
+@click.option("--fault-after", type=click.FloatRange(0, 600), default=None, metavar="S",
+              help="Bound on that wait: the fault comes S seconds after the client went idle at the latest.")
+@click.option("--duration", type=click.FloatRange(1, 600), default=None, metavar="S",
+              help="Stop S seconds after the client went idle at the latest (default: from the settings).")
+@click.option("--write", "write_path", metavar="FILE.pcap", type=click.Path(dir_okay=False),
+              help="Keep the capture: headers only unless --full-packets.")
+@click.option("--full-packets", is_flag=True, help="With --write, keep whole packets.")
+@expectation_options
+def lab(image, idle, interval, count, user_timeout, settings, server_sysctl, client_sysctl, libpq, sessions, fault,
+        answered, fault_after, duration, write_path, full_packets, expect, client_dsn, sysctls, ports, hz,
+        output_format) -> None:
+    """Run the seed's experiment live in Docker: probes, fault, abort, verdict; then clean up.
+
+    Needs root and a Docker engine. The report is judged against the
+    lab's own settings unless --expect/--client-dsn/--sysctl say
+    otherwise. Exit 0 when nothing contradicts them, 1 when something
+    does, 2 when the lab cannot run.
+    """
+    if full_packets and not write_path:
+        raise UserError("--full-packets only makes sense with --write FILE.pcap")
+    if len(ports) > 1:
+        raise UserError("kaobs lab runs one server: give --port once")
+    try:
+        scenario = scenario_from_options(
+            idle=idle, interval=interval, count=count, user_timeout=user_timeout, settings=settings,
+            server_sysctls=server_sysctl, client_sysctls=client_sysctl, libpq=libpq, sessions=sessions,
+            fault=fault, answered=answered, fault_after=fault_after, duration=duration, port=ports[0])
+        user = (tuple(expect), client_dsn, tuple(sysctls))
+        build_expectations(expect, client_dsn, sysctls)  # bad --expect: one line now, not after the run
+        check_docker()
+        check_tools()
+        check_image(image)
+    except (LabError, ExpectationError) as error:
+        raise UserError(str(error)) from None
+    sys.exit(run_lab(scenario, image, user=user, hz=int(hz), output_format=output_format, write_path=write_path,
+                     full_packets=full_packets, fault_label=fault))
+
+
+def run_lab(scenario: Scenario, image: str, *, user, hz: int, output_format: str, write_path: str | None,
+            full_packets: bool, fault_label: str) -> int:
+    """Set up, run live, judge, print, clean up. Returns the exit status; raises UserError when the lab fails."""
+    console = text_console()
+    err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
+    text = output_format != "json"
+    show = console if text else err
+
+    def on_event(event: LabEvent) -> None:
+        style = {"fault": "bold magenta", "error": "bold red", "setup": "dim"}.get(event.kind, "cyan")
+        show.print(f"lab: {event.message}", style=style, markup=False, highlight=False, soft_wrap=True)
+
+    def interrupt(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        signal.signal(signal.SIGTERM, interrupt)
+        signal.signal(signal.SIGINT, interrupt)
+    lab = LabRun(scenario, image, write=write_path, full_packets=full_packets, on_event=on_event)
+    gone = vanishing_side(scenario.fault)
+    plan = {FAULT_NONE: "no fault", FAULT_STOPS_READING: "the client stops reading a large result"}.get(
+        fault_label, f"the {gone} vanishes after {scenario.fault_after_answered} answered probe(s)")
+    end = expected_end(scenario)
+    show.print(f"kaobs lab: {image}, {len(scenario.sessions)} session(s), {plan}; "
+               + (f"expected to end ~{end:.0f} s after the client goes idle" if end and end <= lab.bound
+                  else f"runs up to {lab.bound:.0f} s"),
+               style="bold", markup=False, highlight=False)
+    if end and end > lab.bound:
+        show.print(f"lab: these settings end the connection only after ~{end:.0f} s (kernel defaults?); the lab stops "
+                   f"after {lab.bound:.0f} s: set the timers in seconds, or --server-sysctl/--client-sysctl",
+                   style="yellow", markup=False, highlight=False)
+    interrupted = False
+    result: tuple[AnalysisRun, list[ConnectionReport]] | None = None
+    try:
+        try:
+            lab.__enter__()
+            with lab.capture() as capture:
+                lab.start()
+                run, reports = run_live(
+                    capture, expectations=lab.default_expectations(), ports=[scenario.port], hz=hz,
+                    output_format=output_format, duration=lab.bound + 10, stop=lab.stop_event, console=console,
+                    title=f"kaobs lab {lab.env.run_id}")
+            if lab.error:
+                raise LabError(lab.error)
+            result = run, rejudge(lab, run, reports, user, hz)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            if in_main:  # the cleanup must finish: no second interrupt in the middle of docker rm
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            lab.close()
+            if in_main:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+    except (LabError, CaptureError) as error:
+        raise UserError(str(error)) from None
+    if interrupted or result is None:
+        raise UserError("interrupted; everything the lab created was removed")
+    run, reports = result
+    expectations = lab_expectations(lab, reports[0].connection.client.endpoint, user) if reports else lab.default_expectations()
+    if output_format == "json":
+        document = to_json(run, reports, expectations)
+        document["lab"] = lab_json(lab, image)
+        echo_json(document)
+    else:
+        if not console.is_terminal:
+            console.print()
+        render_text(console, run, reports, expectations)
+        user_expect, user_client_dsn, _ = user
+        if gone and not (user_client_dsn if gone == "client" else user_expect):
+            console.print(f"the {gone}'s own keepalive settings are not judged: it vanished, so what its kernel "
+                          "did after that never reached the wire", markup=False, highlight=False)
+        if write_path:
+            console.print(f"capture written to {write_path} ({'whole packets' if full_packets else 'headers only'})")
+        err.print(f"lab: removed the containers and network of run {lab.env.run_id}", style="dim", highlight=False)
+    return exit_status(tally(reports))
