@@ -368,7 +368,7 @@ class LabEnvironment:
         return subprocess.Popen(
             ["nsenter", f"--net={self.client.netns}", sys.executable, "-m", "kaobs.lab.client", "--spec", json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=tempfile.TemporaryFile(), env=env, text=True,
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),  # the checkout
         )
 
     def vanish(self, side: str) -> str:
