@@ -38,6 +38,7 @@ UNKNOWN = "unknown"
 
 BY_COUNT = "count"
 BY_USER_TIMEOUT = "user_timeout"
+BY_RETRIES2 = "retries2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +47,8 @@ class TimerSettings:
 
     `user_timeout` 0 means not set: the count decides the abort; None (not
     judged) is taken as 0 when an abort must be decided, as the kernel's
-    default is.
+    default is. `retries2` is the namespace's net.ipv4.tcp_retries2, which
+    bounds retransmissions when no user timeout is set.
     """
 
     enabled: bool | None = None
@@ -54,6 +56,7 @@ class TimerSettings:
     interval: float | None = None
     count: int | None = None
     user_timeout: float | None = None
+    retries2: int = 15
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,3 +176,80 @@ def abort_due(state: TimerState, settings: TimerSettings) -> float | None:
     # This probe makes probes_out + 1; the abort tick comes once probes_out reaches count.
     more = max(0, settings.count - (state.probes_out + 1))
     return event.due + (more + 1) * interval
+
+
+# -- while data is in flight: the retransmission and persist timers ---------------------------------
+#
+# tcp_write_timeout() / retransmits_timed_out() and tcp_probe_timer() in net/ipv4/tcp_timer.c (quoted in
+# docs/kernel-keepalive.md). Neither sends a RST when it gives up: the socket is closed in silence
+# (tcp_write_err), and the peer learns of it only by a RST to its next segment.
+
+RTO_MIN = 0.200
+"""TCP_RTO_MIN: the base of the retransmission timeout the give-up is modelled on."""
+RTO_MAX = 120.0
+"""TCP_RTO_MAX: the longest a retransmission timeout backs off to."""
+RETRIES2_DEFAULT = 15
+"""net.ipv4.tcp_retries2: 15 gives up after ~924.6 s of retransmissions."""
+
+
+def retransmission_timeout(retries2: int, rto_base: float = RTO_MIN, rto_max: float = RTO_MAX) -> float:
+    """tcp_model_timeout(): seconds of retransmissions before `retries2` is reached (924.6 s for 15).
+
+    Doubling from `rto_base` up to `rto_max`, then `rto_max` each:
+    ``(2^(R+1) - 1) * 0.2 s`` for R <= 9, ``204.6 s + (R - 9) * 120 s`` above.
+    """
+    threshold = int(math.log2(rto_max / rto_base))  # ilog2(TCP_RTO_MAX / TCP_RTO_MIN) = 9
+    if retries2 <= threshold:
+        return ((2 << retries2) - 1) * rto_base
+    return ((2 << threshold) - 1) * rto_base + (retries2 - threshold) * rto_max
+
+
+def retransmission_limit(settings: TimerSettings) -> tuple[float, str]:
+    """How long the retransmission timer may run, counted from the first retransmission, and by which rule.
+
+    ``tcp_user_timeout`` when set replaces the tcp_retries2 model entirely
+    (the `timeout` argument of retransmits_timed_out()).
+    """
+    user_timeout = settings.user_timeout or 0.0
+    if user_timeout > 0:
+        return user_timeout, BY_USER_TIMEOUT
+    return retransmission_timeout(settings.retries2), BY_RETRIES2
+
+
+def retransmission_give_up(retrans_stamp: float, rto: float, settings: TimerSettings) -> tuple[float, int]:
+    """When the retransmission timer gives up, and how many retransmissions it sends, nothing acknowledged.
+
+    `retrans_stamp` is the first retransmission by the timer (tp->retrans_stamp),
+    `rto` the timeout it came after; each later one doubles it, up to
+    RTO_MAX. At every expiry the kernel first checks whether the time since
+    `retrans_stamp` has reached the limit (then gives up, in silence), else
+    retransmits. With tcp_user_timeout the timer is clamped to fire exactly
+    at the limit (tcp_clamp_rto_to_user_timeout).
+    """
+    limit, rule = retransmission_limit(settings)
+    expiry, gap, sent = retrans_stamp, min(2 * rto, RTO_MAX), 1
+    for _ in range(10_000):
+        if rule == BY_USER_TIMEOUT and expiry + gap >= retrans_stamp + limit:
+            return retrans_stamp + limit, sent
+        expiry += gap
+        if expiry - retrans_stamp >= limit:
+            return expiry, sent
+        sent += 1
+        gap = min(2 * gap, RTO_MAX)
+    return expiry, sent
+
+
+def persist_give_up(first_probe: float, settings: TimerSettings, peer_answers: bool) -> tuple[float | None, str | None]:
+    """When the persist (zero-window probe) timer gives up: (time, rule), or (None, None) when it never does.
+
+    With tcp_user_timeout: that long after the first probe, answered or not
+    (icsk_probes_tstamp is not reset by ACKs). Without: after tcp_retries2
+    unanswered probes; a peer that answers every probe with a zero window
+    keeps the connection open for ever (RFC 1122 4.2.2.17).
+    """
+    user_timeout = settings.user_timeout or 0.0
+    if user_timeout > 0:
+        return first_probe + user_timeout, BY_USER_TIMEOUT
+    if peer_answers:
+        return None, None
+    return first_probe + retransmission_timeout(settings.retries2), BY_RETRIES2

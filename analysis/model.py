@@ -40,7 +40,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 
 from analysis.kernel_timer import keepalive_blocked
 from analysis.settings import CLIENT, SERVER
-from sniffer.records import ACK, FIN, RST, SYN, Record, TcpSegment, flow_endpoints
+from sniffer.records import ACK, FIN, RST, SYN, Record, TcpSegment, flow_endpoints, flow_key
 
 SEQ_MOD = 1 << 32
 SEQ_HALF = 1 << 31
@@ -58,6 +58,11 @@ END_REASONS = {
 """`Connection.end_reason` values, and how the reports say them."""
 
 _IGNORED = ("ignored",)  # flow-route cache entry of a flow on no server port
+_OVER = frozenset(("reset", "keepalive_abort"))
+IDLE_WORTH = 1.0
+"""Silences (no packet either way) shorter than this are neither a middlebox's business nor worth a line."""
+_HEARD_SCAN = 256
+"""Connections of a host looked at (newest first) for evidence that it is alive; bounds the cost of a death."""
 _FLOW_ROUTE_LIMIT = 1 << 18
 
 
@@ -88,6 +93,7 @@ class KeepaliveProbe:
     series_index: int
     answer_t: float | None = None
     answer_frame: int | None = None
+    idle_before: float | None = None
 
     @property
     def answered_on_wire(self) -> bool:
@@ -96,13 +102,69 @@ class KeepaliveProbe:
 
 @dataclass(slots=True)
 class Reset:
-    """A RST one side sent, with the keepalive state it was sent in."""
+    """A RST in one side's name, with the keepalive state that side was in.
+
+    `ttl` and `ip_id` are the RST's IP fields: a middlebox answering for the
+    side gives itself away by them (`analysis.path`). `peer_heard` is the
+    latest time the other side's host was heard on another connection (and
+    that connection's index), when the RST is a keepalive abort: evidence that
+    the peer is alive and the path dropped this connection.
+    """
 
     frame: int
     t: float
     since_accepted: float | None
     unanswered_probes: int
     after_keepalive: bool
+    ttl: int = 0
+    ip_id: int = 0
+    idle_before: float | None = None
+    peer_heard: tuple[float, int] | None = None
+
+
+@dataclass(slots=True)
+class Stall:
+    """A side's data (or queued data) the peer did not take: the retransmission or persist timer's run.
+
+    `kind` "data": data sent and not acknowledged, retransmitted by the
+    retransmission timer; "window": data queued while the peer advertises a
+    zero window, probed by the persist timer. `first_sent` is when the oldest
+    unacknowledged byte was first sent (data), or the first zero-window probe
+    (window); `idle_before` how long the connection had been silent before
+    that, in both directions (what a middlebox's idle timer measured).
+    `resends` are the retransmissions (or zero-window probes) as seen on the
+    wire. `outcome` is what the wire showed at the end: "acked" (the peer took
+    it), "reset" (a RST ended the connection), or "open"; whether the sender
+    gave up in silence is judged from the timing (`analysis.stalls`).
+    `peer_heard` as in `Reset`, as of the end of the capture.
+    """
+
+    kind: str
+    first_sent: float
+    idle_before: float | None
+    seq: int
+    resends: list[float] = field(default_factory=list)
+    end_t: float | None = None
+    outcome: str = "open"
+    peer_heard: tuple[float, int] | None = None
+
+
+@dataclass(slots=True)
+class AfterEnd:
+    """The first segment on a connection's 4-tuple after a RST ended it: the other side learning of it.
+
+    `side` sent it (data, a FIN, a keepalive probe, a pure ACK: `what`) at
+    `t`; `told_t` is when the side that ended the connection answered with a
+    RST (its kernel no longer knows the connection). Never an answer to a
+    probe, never a packet the ended side accepted.
+    """
+
+    side: str
+    t: float
+    frame: int
+    what: str
+    told_t: float | None = None
+    segments: int = 1
 
 
 @dataclass(slots=True)
@@ -144,6 +206,14 @@ class Endpoint:
     longest_quiet_length: float = 0.5
     quiet_clean: bool = True
     pending_first: TcpSegment | None = None
+    unacked_since: float | None = None
+    unacked_idle: float | None = None
+    stall: Stall | None = None
+    stalls: list[Stall] = field(default_factory=list)
+    ttls: list[int] = field(default_factory=list)
+    last_ip_id: int | None = None
+    owes_answer: float = 0.0
+    unanswered_heard: tuple[float, int] | None = None
 
     @property
     def endpoint(self) -> str:
@@ -155,6 +225,13 @@ class Endpoint:
     def data_in_flight(self, peer: "Endpoint") -> bool:
         """Has this side sent data the peer has not acknowledged (as far as the wire shows)?"""
         return peer.highest_ack is not None and seq_diff(self.next_seq, peer.highest_ack) > 0
+
+    def learn_fingerprint(self, ttl: int, ip_id: int) -> None:
+        """Keep the TTLs (at most 4) and the latest IP ID of this side's own packets, as the capture point sees them."""
+        if ttl and ttl not in self.ttls and len(self.ttls) < 4:
+            self.ttls.append(ttl)
+        if ttl:
+            self.last_ip_id = ip_id
 
     def persisting(self, peer: "Endpoint") -> bool:
         """Is this side's persist timer running: its last probe a zero-window probe, the peer's window still 0?
@@ -178,6 +255,16 @@ class Connection:
     first_frame: int
     saw_syn: bool = False
     end_reason: str = "open"
+    ended_by: str | None = None
+    after_end: AfterEnd | None = None
+    last_idle: float = 0.0
+    last_idle_t: float | None = None
+    longest_idle_survived: float = 0.0
+
+    @property
+    def over(self) -> bool:
+        """Ended by a RST: what comes later on the 4-tuple is the other side learning of it."""
+        return self.end_reason in _OVER
 
     def side(self, role: str) -> Endpoint:
         return self.server if role == SERVER else self.client
@@ -190,7 +277,7 @@ class Connection:
 class ModelEvent:
     """Something a live report shows as it happens."""
 
-    kind: str  # "connection", "probe", "answer", "abort", "reset", "fin"
+    kind: str  # "connection", "probe", "answer", "abort", "reset", "fin", "after_end"
     t: float
     connection: Connection
     side: str
@@ -318,6 +405,10 @@ class KeepaliveModel:
         self.first_t: float | None = None
         self.segments_ignored = 0
         self.capture_end: float | None = None
+        # Connections by host address (both ends), for evidence that a peer host is alive elsewhere;
+        # and, per host, the latest time it was heard on a retired connection.
+        self._by_host: dict[str, dict[int, Connection]] = {}
+        self._retired_heard: dict[str, tuple[float, int]] = {}
 
     @property
     def last_t(self) -> float | None:
@@ -351,14 +442,17 @@ class KeepaliveModel:
         route_of = flow_routes.get
         routes_get = self._routes.get
         ignored = _IGNORED
-        for frame, t, flow, seq, ack, flags, window, payload_len in records:
+        for frame, t, flow, seq, ack, flags, window, payload_len, ttl_id in records:
             route = route_of(flow)
             if route is None:
                 src, sport, dst, dport = flow_endpoints(flow)
-                feed(TcpSegment(frame, t, src, sport, dst, dport, seq, ack, flags, window, payload_len))
+                feed(TcpSegment(frame, t, src, sport, dst, dport, seq, ack, flags, window, payload_len,
+                                ttl_id >> 16, ttl_id & 0xFFFF))
                 if len(flow_routes) >= _FLOW_ROUTE_LIMIT:
                     flow_routes.clear()
-                flow_routes[flow] = routes_get((src, sport, dst, dport), ignored)
+                route = routes_get((src, sport, dst, dport), ignored)
+                if route is ignored or route[0].end_reason not in _OVER:  # an ended one stays on the spec path
+                    flow_routes[flow] = route
                 continue
             if route is ignored:
                 self.segments_ignored += 1
@@ -367,31 +461,40 @@ class KeepaliveModel:
             next_seq = sender.next_seq
             if (flags & 0x07 or next_seq is None or sender.pending_first is not None
                     or receiver.pending_first is not None
-                    or payload_len <= 1 and (next_seq - seq) & 0xFFFFFFFF == 1):
+                    or payload_len <= 1 and (next_seq - seq) & 0xFFFFFFFF == 1
+                    or payload_len and not 0 < (seq + payload_len - next_seq) & 0xFFFFFFFF < SEQ_HALF):
                 feed(TcpSegment(frame, t, sender.address, sender.port, receiver.address, receiver.port,
-                                seq, ack, flags, window, payload_len))
+                                seq, ack, flags, window, payload_len, ttl_id >> 16, ttl_id & 0xFFFF))
                 continue
+            idle = t - conn.end
             conn.end = t
+            if idle > IDLE_WORTH:
+                self._silence_ended(conn, receiver, idle, t)
+            if sender.owes_answer:
+                self._silence_survived(conn, sender)
             if payload_len:
-                end = (seq + payload_len) & 0xFFFFFFFF
-                if 0 < (end - next_seq) & 0xFFFFFFFF < SEQ_HALF:
-                    sender.next_seq = end
-                    sender.quiet_clean = False
-                else:
-                    sender.retransmissions += 1
+                if sender.unacked_since is None:
+                    sender.unacked_since = t
+                    sender.unacked_idle = idle if idle > IDLE_WORTH else 0.0
+                sender.next_seq = (seq + payload_len) & 0xFFFFFFFF
+                sender.quiet_clean = False
             sender.window = window
             if flags & ACK:
                 receiver_next = receiver.next_seq
                 if receiver.series_unanswered and ack == receiver_next:
                     self._answer(conn, receiver, TcpSegment(
                         frame, t, sender.address, sender.port, receiver.address, receiver.port,
-                        seq, ack, flags, window, payload_len))
+                        seq, ack, flags, window, payload_len, ttl_id >> 16, ttl_id & 0xFFFF))
                 highest = sender.highest_ack
                 if highest is None or 0 < (ack - highest) & 0xFFFFFFFF < SEQ_HALF:
                     sender.highest_ack = ack
                     if receiver_next is None or 0 < (ack - receiver_next) & 0xFFFFFFFF < SEQ_HALF:
                         receiver.next_seq = receiver_next = ack
                 clean = ack == receiver_next
+                if clean:
+                    receiver.unacked_since = None
+                if receiver.stall is not None:
+                    self._stall_progress(receiver, ack, window, t)
             else:
                 clean = False
             previous = receiver.last_accepted
@@ -407,9 +510,11 @@ class KeepaliveModel:
     def feed(self, seg: TcpSegment) -> None:
         """Account for one segment; segments must come in capture order.
 
-        The readable path through the rules: find (or open) the connection,
-        then the handshake, FIN, RST and sides first seen mid-connection
-        (`_uncommon`), or an established connection's segment (`_segment`).
+        The readable path through the rules: find (or open) the connection;
+        after a RST ended it, only note the other side learning of it
+        (`_after_end`); else the handshake, FIN, RST and sides first seen
+        mid-connection (`_uncommon`), or an established connection's segment
+        (`_segment`).
         """
         route = self._routes.get((seg.src, seg.sport, seg.dst, seg.dport))
         if route is None:
@@ -418,12 +523,45 @@ class KeepaliveModel:
                 self.segments_ignored += 1
                 return
         conn, sender, receiver = route
+        if conn.end_reason in _OVER and seg.flags & (SYN | ACK) != SYN:
+            self._after_end(conn, sender, seg)
+            return
         if (seg.flags & (SYN | FIN | RST) or sender.next_seq is None or sender.pending_first is not None
                 or receiver.pending_first is not None):
             self._uncommon(conn, sender, receiver, seg)
             return
-        conn.end = seg.t
+        self._flow(conn, sender, receiver, seg.t)
         self._segment(conn, sender, receiver, seg)
+
+    def _flow(self, conn: Connection, sender: Endpoint, receiver: Endpoint, t: float) -> None:
+        """A packet crossed: the connection's silence (in both directions: what a middlebox's idle timer sees) ends.
+
+        A silence survived once the side that received the packet ending it
+        speaks again (`owes_answer`); `longest_idle_survived` keeps the longest.
+        """
+        idle = t - conn.end
+        conn.end = t
+        if idle > IDLE_WORTH:
+            self._silence_ended(conn, receiver, idle, t)
+        if sender.owes_answer:
+            self._silence_survived(conn, sender)
+
+    @staticmethod
+    def _silence_ended(conn: Connection, receiver: Endpoint, idle: float, t: float) -> None:
+        """A silence of more than IDLE_WORTH ended at `t`; it survived once `receiver` speaks again."""
+        conn.last_idle, conn.last_idle_t = idle, t
+        if idle > conn.longest_idle_survived:
+            receiver.owes_answer = idle
+
+    @staticmethod
+    def _silence_survived(conn: Connection, sender: Endpoint) -> None:
+        if sender.owes_answer > conn.longest_idle_survived:
+            conn.longest_idle_survived = sender.owes_answer
+        sender.owes_answer = 0.0
+
+    def _idle_before(self, conn: Connection, t: float) -> float:
+        """The silence the packet at `t` ended (0 when it was shorter than IDLE_WORTH)."""
+        return conn.last_idle if conn.last_idle_t == t else 0.0
 
     def _new_route(self, seg: TcpSegment) -> tuple[Connection, Endpoint, Endpoint] | None:
         """The route of a 4-tuple not followed now: a retired connection taken back, or a new one (None: not Postgres)."""
@@ -438,18 +576,26 @@ class KeepaliveModel:
         return route if route is not None else self._open(seg)
 
     def _uncommon(self, conn: Connection, sender: Endpoint, receiver: Endpoint, seg: TcpSegment) -> None:
-        """Handshake, FIN, RST, and sides first seen mid-connection."""
+        """Handshake, FIN, RST, and sides first seen mid-connection.
+
+        These are also where a side's IP fingerprint is learnt (its first
+        packets, its handshake and FIN, never a RST): samples enough to tell
+        its packets from a middlebox's, at no cost on the fast path.
+        """
         if seg.flags & (SYN | ACK) == SYN and (conn.end_reason != "open" or sender.next_seq is not None):
             # A new SYN on a used 4-tuple: the port was reused for a new connection.
             self._retire(conn)
             conn, sender, receiver = self._open(seg)
-        conn.end = seg.t  # after the reuse check: the old connection ended before this SYN
+        if not seg.flags & RST:
+            sender.learn_fingerprint(seg.ttl, seg.ip_id)
+        idle_before = self._idle_before(conn, conn.end)  # the silence the previous packet ended: what a RST answers
+        self._flow(conn, sender, receiver, seg.t)  # after the reuse check: the old connection ended before this SYN
         if receiver.pending_first is not None and seg.flags & ACK:
             self._resolve_pending(conn, receiver, sender, seg.ack)
         if sender.pending_first is not None:
             self._resolve_pending(conn, sender, receiver, seg.seq)
         if seg.flags & (SYN | FIN | RST):
-            self._control(conn, sender, receiver, seg)
+            self._control(conn, sender, receiver, seg, idle_before)
             return
         if sender.next_seq is None:
             if seg.payload_len == 0:
@@ -459,6 +605,71 @@ class KeepaliveModel:
                 return
             sender.next_seq = seg.seq
         self._segment(conn, sender, receiver, seg)
+
+    def _after_end(self, conn: Connection, sender: Endpoint, seg: TcpSegment) -> None:
+        """A segment after a RST ended the connection: the other side learning of it, or the ender telling it."""
+        after = conn.after_end
+        if sender.role != conn.ended_by:
+            if after is None:
+                what = ("data" if seg.payload_len > 1 else "RST" if seg.flags & RST else "FIN" if seg.flags & FIN
+                        else "a probe-shaped ACK" if seg.payload_len <= 1 and sender.next_seq is not None
+                        and seq_diff(sender.next_seq, seg.seq) == 1 else "an ACK")
+                conn.after_end = AfterEnd(sender.role, seg.t, seg.frame, what)
+                self._emit("after_end", seg.t, conn, sender.role)
+            else:
+                after.segments += 1
+        elif after is not None:
+            after.segments += 1
+            if seg.flags & RST and after.told_t is None:
+                after.told_t = seg.t
+
+    def _forget_flows(self, conn: Connection) -> None:
+        """Take an ended connection's flows out of the fast path's cache: what follows goes to `_after_end`."""
+        s, c = conn.server, conn.client
+        for key in (flow_key(s.address, s.port, c.address, c.port), flow_key(c.address, c.port, s.address, s.port)):
+            self._flow_routes.pop(key, None)
+
+    def _index_hosts(self, conn: Connection) -> None:
+        for address in {conn.server.address, conn.client.address}:
+            self._by_host.setdefault(address, {})[conn.index] = conn
+
+    def _unindex_hosts(self, conn: Connection) -> None:
+        for end in (conn.server, conn.client):
+            hearer = conn.peer(end)
+            heard = hearer.last_accepted
+            if heard is not None:
+                known = self._retired_heard.get(end.address)
+                if known is None or heard > known[0]:
+                    self._retired_heard[end.address] = (heard, conn.index)
+            found = self._by_host.get(end.address)
+            if found is not None:
+                found.pop(conn.index, None)
+                if not found:
+                    del self._by_host[end.address]
+
+    def _heard_elsewhere(self, conn: Connection, host: str, since: float) -> tuple[float, int] | None:
+        """The latest time `host` was heard on another connection after `since`, and that connection's index.
+
+        Evidence that a peer that went silent on this connection is alive:
+        the path, not the peer, dropped this one. Looks at the newest
+        connections of the host first, at most `_HEARD_SCAN` of them.
+        """
+        best = None
+        others = self._by_host.get(host, {})
+        for count, index in enumerate(reversed(others)):
+            if count >= _HEARD_SCAN:
+                break
+            other = others[index]
+            if other is conn:
+                continue
+            hearer = other.client if other.server.address == host else other.server
+            heard = hearer.last_accepted
+            if heard is not None and heard > since and (best is None or heard > best[0]):
+                best = (heard, other.index)
+        retired = self._retired_heard.get(host)
+        if retired is not None and retired[0] > since and retired[1] != conn.index and (best is None or retired[0] > best[0]):
+            best = retired
+        return best
 
     # -- connection bookkeeping ---------------------------------------------
 
@@ -486,6 +697,7 @@ class KeepaliveModel:
             first_frame=seg.frame,
         )
         self.connections.append(conn)
+        self._index_hosts(conn)
         forward = (conn, sender, receiver)
         backward = (conn, receiver, sender)
         self._routes[(seg.src, seg.sport, seg.dst, seg.dport)] = forward
@@ -530,6 +742,7 @@ class KeepaliveModel:
                 keep.append(conn)
                 continue
             retired_any = True
+            self._unindex_hosts(conn)
             if owns:
                 del routes[(s.address, s.port, c.address, c.port)]
                 del routes[(c.address, c.port, s.address, s.port)]
@@ -557,6 +770,7 @@ class KeepaliveModel:
         self._routes[(s.address, s.port, c.address, c.port)] = (conn, s, c)
         self._routes[(c.address, c.port, s.address, s.port)] = (conn, c, s)
         bisect.insort(self.connections, conn, key=lambda live: live.index)
+        self._index_hosts(conn)
         return self._routes[(seg.src, seg.sport, seg.dst, seg.dport)]
 
     def _emit(self, kind: str, t: float, conn: Connection, side: str, **extra) -> None:
@@ -580,7 +794,8 @@ class KeepaliveModel:
             owner.next_seq = hint if seq_diff(hint, pending.seq) == 1 else pending.seq
         self._segment(conn, owner, peer, pending)
 
-    def _control(self, conn: Connection, sender: Endpoint, receiver: Endpoint, seg: TcpSegment) -> None:
+    def _control(self, conn: Connection, sender: Endpoint, receiver: Endpoint, seg: TcpSegment,
+                 idle_before: float | None = None) -> None:
         flags = seg.flags
         t = seg.t
         if flags & RST:
@@ -596,20 +811,28 @@ class KeepaliveModel:
                 and (sender.series_probes > 0 or sender.last_accepted == last_probe.answer_t)
                 and (sender.next_seq is None or seq_diff(sender.next_seq, last_probe.seq) <= 1)
             )
-            if conn.end_reason == "keepalive_abort" and not after_keepalive:
-                # The connection already ended by keepalive; this RST answers a
-                # segment that came later (a vanished peer back, sending its FIN):
-                # the abort stands (seen live on a veth, 2026-11-26).
-                return
+            heard = None
+            if after_keepalive and unanswered:
+                first_unanswered = sender.probes[-unanswered].t
+                heard = self._heard_elsewhere(conn, receiver.address, first_unanswered)
             sender.reset = Reset(
                 frame=seg.frame,
                 t=t,
                 since_accepted=sender.last_accepted,
                 unanswered_probes=unanswered,
                 after_keepalive=after_keepalive,
+                ttl=seg.ttl,
+                ip_id=seg.ip_id,
+                idle_before=idle_before,
+                peer_heard=heard,
             )
             conn.end_reason = "keepalive_abort" if after_keepalive else "reset"
             conn.end = t
+            conn.ended_by = sender.role
+            for side in (sender, receiver):
+                if side.stall is not None:
+                    side.stall.outcome, side.stall.end_t, side.stall = "reset", t, None
+            self._forget_flows(conn)
             self._emit("abort" if after_keepalive else "reset", t, conn, sender.role, reset=sender.reset)
             return
         if flags & SYN:
@@ -644,10 +867,12 @@ class KeepaliveModel:
         if seg.payload_len:
             end = (seg.seq + seg.payload_len) & 0xFFFFFFFF
             if seq_diff(end, sender.next_seq) > 0:
+                if sender.unacked_since is None:
+                    sender.unacked_since, sender.unacked_idle = seg.t, self._idle_before(conn, seg.t)
                 sender.next_seq = end
                 sender.quiet_clean = False
             else:
-                sender.retransmissions += 1
+                self._retransmission(sender, seg)
         sender.window = seg.window
         clean = False
         if seg.flags & ACK:
@@ -655,7 +880,34 @@ class KeepaliveModel:
                 self._answer(conn, receiver, seg)
             self._note_ack(sender, receiver, seg.ack)
             clean = seg.ack == receiver.next_seq  # nothing of the receiver's own left unacknowledged
+            if clean:
+                receiver.unacked_since = None
+            if receiver.stall is not None:
+                self._stall_progress(receiver, seg.ack, seg.window, seg.t)
         self._accept(receiver, seg.t, clean)
+
+    @staticmethod
+    def _retransmission(sender: Endpoint, seg: TcpSegment) -> None:
+        """Data sent again: the retransmission timer's (or a tail-loss probe's) run, kept as a `Stall`."""
+        sender.retransmissions += 1
+        stall = sender.stall
+        if stall is None or stall.kind != "data":
+            known = sender.unacked_since is not None
+            stall = Stall("data", sender.unacked_since if known else seg.t,
+                          sender.unacked_idle if known else None, seg.seq, [seg.t])
+            sender.stall = stall
+            sender.stalls.append(stall)
+        else:
+            stall.resends.append(seg.t)
+
+    @staticmethod
+    def _stall_progress(owner: Endpoint, ack: int, window: int, t: float) -> None:
+        """The peer's ACK: a data stall ends when it covers the stalled byte, a persist stall when the window opens."""
+        stall = owner.stall
+        if stall is None:
+            return
+        if (seq_diff(ack, stall.seq) > 0) if stall.kind == "data" else window > 0:
+            stall.outcome, stall.end_t, owner.stall = "acked", t, None
 
     def _answer(self, conn: Connection, prober: Endpoint, seg: TcpSegment) -> None:
         """The peer acknowledged the prober's next byte again: the probe is answered on the wire."""
@@ -677,12 +929,18 @@ class KeepaliveModel:
             kind=kind,
             since_accepted=sender.last_accepted,
             series_index=sender.series_probes,
+            idle_before=self._idle_before(conn, seg.t),
         )
         sender.probes.append(probe)
         if kind == KEEPALIVE:
             sender.series_unanswered += 1
         else:
             sender.window_probes += 1
+            stall = sender.stall
+            if stall is None or stall.kind != WINDOW:
+                stall = sender.stall = Stall(WINDOW, seg.t, self._idle_before(conn, seg.t), seg.seq)
+                sender.stalls.append(stall)
+            stall.resends.append(seg.t)
         if seg.flags & ACK:
             self._note_ack(sender, receiver, seg.ack)
         sender.window = seg.window
@@ -738,5 +996,13 @@ class KeepaliveModel:
                     if endpoint.next_seq is None:
                         endpoint.next_seq = pending.seq
                     self._segment(conn, endpoint, conn.peer(endpoint), pending)
+        for conn in self.connections:
+            for endpoint in (conn.server, conn.client):
+                peer_address = conn.peer(endpoint).address
+                if endpoint.stall is not None:
+                    endpoint.stall.peer_heard = self._heard_elsewhere(conn, peer_address, endpoint.stall.first_sent)
+                if endpoint.series_unanswered and not conn.over:
+                    first = endpoint.probes[-endpoint.series_unanswered].t
+                    endpoint.unanswered_heard = self._heard_elsewhere(conn, peer_address, first)
         self.capture_end = end
         return self.connections

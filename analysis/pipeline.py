@@ -78,19 +78,20 @@ class Analysis:
             if conn is not None:
                 yield conn
 
-    def reports(self, expectations: Expectations | None, capture_end: float | None = None) -> Iterator[ConnectionReport]:
+    def reports(self, expectations: Expectations | None, capture_end: float | None = None,
+                idle_cut: float | None = None) -> Iterator[ConnectionReport]:
         """Each connection judged as of `capture_end` (default: the end of the capture), one at a time."""
         return judge_in_order(self.connections(), expectations,
-                              self.capture_end if capture_end is None else capture_end, self.hz)
+                              self.capture_end if capture_end is None else capture_end, self.hz, idle_cut)
 
 
 def judge_in_order(connections: Iterable[Connection], expectations: Expectations | None, capture_end: float,
-                   hz: int = DEFAULT_HZ) -> Iterator[ConnectionReport]:
-    """Judge connections one at a time against the expectations of both sides."""
+                   hz: int = DEFAULT_HZ, idle_cut: float | None = None) -> Iterator[ConnectionReport]:
+    """Judge connections one at a time against the expectations of both sides (and a known idle cut of the path)."""
     server = expectations.server if expectations is not None else None
     client = expectations.client if expectations is not None else None
     for conn in connections:
-        yield judge_connection(conn, server, client, capture_end, hz)
+        yield judge_connection(conn, server, client, capture_end, hz, idle_cut)
 
 
 def tally(reports: Iterable[ConnectionReport]) -> dict[str, int]:

@@ -23,8 +23,10 @@ from analysis.kernel_timer import (
     decide,
     next_tick,
 )
-from analysis.model import Connection, Endpoint, KeepaliveProbe
+from analysis.model import AfterEnd, Connection, Endpoint, KeepaliveProbe
+from analysis.path import PathCut, path_cut
 from analysis.prober import Abort, Observed, ProberProbe, observe, prober_view
+from analysis.stalls import GAVE_UP, StallReport, judge_stalls
 from analysis.settings import (
     BY_KEY,
     CLIENT,
@@ -69,6 +71,7 @@ class SideReport:
     observed: Observed
     abort: Abort | None
     findings: list[Finding] = field(default_factory=list)
+    stalls: list[StallReport] = field(default_factory=list)
 
     @property
     def keepalive_probe_count(self) -> int:
@@ -89,6 +92,11 @@ class ConnectionReport:
     server: SideReport
     client: SideReport
     verdict: str
+    path_cut: PathCut | None = None
+
+    @property
+    def after_end(self) -> AfterEnd | None:
+        return self.connection.after_end
 
     def side(self, role: str) -> SideReport:
         return self.server if role == SERVER else self.client
@@ -268,13 +276,32 @@ def judge_side(
     expectation: SideExpectation | None,
     capture_end: float,
     hz: int = DEFAULT_HZ,
+    *,
+    stalls: list[StallReport] | None = None,
+    cut: PathCut | None = None,
+    idle_cut: float | None = None,
 ) -> SideReport:
+    """One side judged as of `capture_end`.
+
+    When the path cut the connection and this is the far side (its packets
+    no longer reach the capture point), what it did after the cut is not
+    seen here: it is judged only up to the cut.
+    """
     endpoint = conn.side(role)
     peer = conn.peer(endpoint)
     settings = expectation.timer_settings() if expectation is not None else TimerSettings()
     view = prober_view(endpoint, settings, hz)
     observed, abort = observe(view, endpoint, settings)
-    checks = simulate(view, endpoint, peer, settings, capture_end, hz, conn.start) if expectation is not None else []
+    hidden = cut is not None and cut.far == role and cut.t < capture_end
+    end = cut.t if hidden else capture_end
+    checks = simulate(view, endpoint, peer, settings, end, hz, conn.start) if expectation is not None else []
+    stalls = stalls if stalls is not None else judge_stalls(endpoint, settings if expectation is not None else None,
+                                                            capture_end, hz, conn.start)
+    if expectation is not None:
+        checks += _stall_checks(stalls, conn.start)
+        if idle_cut is not None and settings.idle is not None and settings.enabled is not False \
+                and settings.idle >= idle_cut:
+            checks.append(_idle_cut_check(settings.idle, idle_cut))
     report = SideReport(
         role=role,
         endpoint=endpoint,
@@ -282,10 +309,35 @@ def judge_side(
         window_probe_count=endpoint.window_probes,
         observed=observed,
         abort=abort,
+        stalls=stalls,
     )
     if expectation is not None:
-        report.findings = _findings(role, expectation, settings, observed, abort, checks)
+        unseen = (f"not seen here after +{cut.t - conn.start:.3f} s: the path cut the connection "
+                  f"({cut.kind})") if hidden and cut is not None else None
+        report.findings = _findings(role, expectation, settings, observed, abort, checks, unseen)
     return report
+
+
+def _stall_checks(stalls: list[StallReport], t0: float) -> list[Check]:
+    """A give-up seen on the wire judges tcp_user_timeout (or, when it is not set, tcp_retries2 behind it)."""
+    checks = []
+    for stall in stalls:
+        if stall.outcome != GAVE_UP or stall.give_up is None or stall.gave_up_between is None:
+            continue
+        low, high = stall.gave_up_between
+        if stall.mismatch is not None:
+            checks.append(Check("user_timeout", False, low, stall.mismatch))
+        else:
+            checks.append(Check("user_timeout", True, low,
+                                f"gave up between +{low - t0:.3f} s and +{high - t0:.3f} s with data in flight; "
+                                f"{stall.give_up.rule} says at +{stall.give_up.t - t0:.3f} s"))
+    return checks
+
+
+def _idle_cut_check(idle: float, idle_cut: float) -> Check:
+    """--idle-cut: a first probe that comes after the path has forgotten the connection comes too late."""
+    return Check("idle", False, None, f"the first probe comes {idle:g} s after the last packet, but the path forgets "
+                 f"connections idle {idle_cut:g} s (--idle-cut): an idle connection is cut before keepalive runs")
 
 
 def _findings(
@@ -295,6 +347,7 @@ def _findings(
     observed: Observed,
     abort: Abort | None,
     checks: list[Check],
+    unseen: str | None = None,
 ) -> list[Finding]:
     findings: list[Finding] = []
     for key in (ENABLED_KEY, *(s.key for s in SETTINGS)):
@@ -316,7 +369,7 @@ def _findings(
         elif mine:
             status, detail = MATCH, mine[-1].detail
         else:
-            status, detail = UNOBSERVABLE, _why_unobservable(key, settings, observed, abort)
+            status, detail = UNOBSERVABLE, unseen or _why_unobservable(key, settings, observed, abort)
         findings.append(Finding(setting_name(key, role), expected_text, observed_text, status, detail))
     return findings
 
@@ -346,9 +399,19 @@ def judge_connection(
     client: SideExpectation | None,
     capture_end: float,
     hz: int = DEFAULT_HZ,
+    idle_cut: float | None = None,
 ) -> ConnectionReport:
-    server_report = judge_side(conn, SERVER, server if server is not None and server.judged() else None, capture_end, hz)
-    client_report = judge_side(conn, CLIENT, client if client is not None and client.judged() else None, capture_end, hz)
+    """Both sides judged, the stalls first: whether the path cut the connection decides what each side is judged on."""
+    expectations = {role: side if side is not None and side.judged() else None
+                    for role, side in ((SERVER, server), (CLIENT, client))}
+    stalls = {role: judge_stalls(conn.side(role), expectation.timer_settings() if expectation is not None else None,
+                                 capture_end, hz, conn.start)
+              for role, expectation in expectations.items()}
+    outcomes = {id(report.stall): report.outcome for reports in stalls.values() for report in reports}
+    cut = path_cut(conn, conn.start, outcomes)
+    server_report, client_report = (
+        judge_side(conn, role, expectations[role], capture_end, hz, stalls=stalls[role], cut=cut, idle_cut=idle_cut)
+        for role in (SERVER, CLIENT))
     statuses = [f.status for side in (server_report, client_report) for f in side.findings]
     if MISMATCH in statuses:
         verdict = "mismatch"
@@ -358,4 +421,4 @@ def judge_connection(
         verdict = "no_keepalive"
     else:
         verdict = "unverified"
-    return ConnectionReport(conn, server_report, client_report, verdict)
+    return ConnectionReport(conn, server_report, client_report, verdict, cut)

@@ -67,6 +67,9 @@ def event_line(event: ModelEvent) -> str | None:
         return f"{when} #{conn.index} {side} RST: connection ended (not a keepalive abort)"
     if event.kind == "fin":
         return f"{when} #{conn.index} {side} FIN: closing"
+    if event.kind == "after_end" and conn.after_end is not None:
+        return (f"{when} #{conn.index} {side} found out the connection had ended, "
+                f"{conn.after_end.t - conn.end:.3f} s later, on its next send ({conn.after_end.what})")
     return None
 
 

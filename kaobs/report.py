@@ -22,7 +22,9 @@ from rich.text import Text
 
 from analysis.expect import Expectations, SideExpectation
 from analysis.model import END_REASONS, KEEPALIVE, WINDOW
+from analysis.path import PathSummary, idle_advice
 from analysis.pgsessions import PostgresView
+from analysis.stalls import StallReport
 from analysis.pipeline import AnalysisRun, tally
 from analysis.settings import CLIENT, SERVER, SETTINGS
 from analysis.verdict import VERDICTS, ConnectionReport, SideReport
@@ -44,8 +46,11 @@ def to_json(
     postgres: PostgresView | None = None,
 ) -> dict[str, Any]:
     summary = {"connections": len(reports), **tally(reports)}
+    path = PathSummary()
+    for report in reports:
+        path.add(report.connection, report.path_cut)
     return _document(run, summary, expectations, postgres,
-                     [_with_postgres(_connection_json(r), r, postgres) for r in reports])
+                     [_with_postgres(_connection_json(r), r, postgres) for r in reports], path)
 
 
 def write_json_streamed(
@@ -60,15 +65,17 @@ def write_json_streamed(
     encoder = json.JSONEncoder(indent=1)
     counts = dict.fromkeys(VERDICTS, 0)
     total = 0
+    path = PathSummary()
     with tempfile.TemporaryFile("w+", encoding="utf-8", prefix="kaobs-json-") as spool:
         for report in reports:
             counts[report.verdict] += 1
+            path.add(report.connection, report.path_cut)
             spool.write("\n  " if total == 0 else ",\n  ")
             total += 1
             # Nested two levels deep; JSON strings hold no raw newline, so re-indenting is exact.
             spool.write("".join(encoder.iterencode(_with_postgres(_connection_json(report), report, None)))
                         .replace("\n", "\n  "))
-        document = _document(run, {"connections": total, **counts}, expectations, None, [])
+        document = _document(run, {"connections": total, **counts}, expectations, None, [], path)
         head = "".join(encoder.iterencode(document))
         assert head.endswith('"connections": []\n}')
         if total == 0:
@@ -84,7 +91,7 @@ def write_json_streamed(
 
 def _document(
     run: AnalysisRun, summary: dict[str, int], expectations: Expectations | None,
-    postgres: PostgresView | None, connections: list[dict[str, Any]],
+    postgres: PostgresView | None, connections: list[dict[str, Any]], path: PathSummary,
 ) -> dict[str, Any]:
     return {
         "kaobs": {"format": JSON_FORMAT_VERSION},
@@ -104,14 +111,41 @@ def _document(
         "timer_hz": run.hz,
         "summary": summary,
         "postgres": None if postgres is None else postgres.to_json(),
+        "path": _path_json(path, expectations),
         "connections": connections,
     }
 
 
+def _path_json(path: PathSummary, expectations: Expectations | None) -> dict[str, Any]:
+    cut = path.idle_cut()
+    warnings = path.warnings()
+    idle_cut = None
+    if cut is not None:
+        idle_cut = {"lower": cut.lower, "upper": cut.upper, "evidence": cut.evidence, "matches": cut.matches,
+                    "client_host": cut.hosts[0], "server_host": cut.hosts[1],
+                    "advice": idle_advice(cut, *_first_probe_idles(expectations))}
+    return {"idle_cut": idle_cut, "warnings": warnings}
+
+
+def _first_probe_idles(expectations: Expectations | None) -> tuple[float | None, float | None]:
+    """When each side's first probe comes after the last packet, as expected (None: not known)."""
+    if expectations is None:
+        return None, None
+    return tuple(side.idle.value if side.enabled is not False else None  # type: ignore[return-value]
+                 for side in (expectations.server, expectations.client))
+
+
 def _with_postgres(out: dict[str, Any], report: ConnectionReport, postgres: PostgresView | None) -> dict[str, Any]:
-    """The connection as Postgres knows it (`--dsn`); null without a database reading."""
+    """The connection as Postgres knows it (`--dsn`, null without a database reading), then what the path did."""
     info = None if postgres is None else postgres.connections.get(report.connection.index)
     out["postgres"] = None if info is None else info.to_json()
+    cut = report.path_cut
+    out["path_cut"] = None if cut is None else {"kind": cut.kind, "t": cut.t, "evidence": cut.evidence, "far": cut.far,
+                                                "idle_before": cut.idle_before}
+    after = report.after_end
+    out["after_end"] = None if after is None else {"side": after.side, "t": after.t, "frame": after.frame,
+                                                   "what": after.what, "told_t": after.told_t,
+                                                   "segments": after.segments}
     return out
 
 
@@ -182,6 +216,25 @@ def _side_json(side: SideReport) -> dict[str, Any]:
             for f in side.findings
         ],
         "probes": probes,
+        "stalls": [_stall_json(stall) for stall in side.stalls],
+    }
+
+
+def _stall_json(report: StallReport) -> dict[str, Any]:
+    stall = report.stall
+    give_up = report.give_up
+    return {
+        "start": stall.first_sent,
+        "kind": stall.kind,
+        "retransmissions": report.retransmissions,
+        "resends": list(stall.resends),
+        "outcome": report.outcome,
+        "end": stall.end_t,
+        "idle_before": stall.idle_before,
+        "gave_up_between": None if report.gave_up_between is None else list(report.gave_up_between),
+        "give_up": None if give_up is None else {"t": give_up.t, "rule": give_up.rule, "observed": give_up.observed},
+        "inferred": report.inferred,
+        "mismatch": report.mismatch,
     }
 
 
@@ -275,24 +328,75 @@ def timeline(report: ConnectionReport) -> list[str]:
                 answer = f"answered +{(probe.answer_t - probe.t) * 1000:.2f} ms"
             since = f", {probe.t - view.anchor:.3f} s after last accepted" if view.anchor is not None and view.index == 1 else ""
             events.append((probe.t, f"{side.role} keepalive probe #{view.index}{since}: {answer}"))
-        window_probes = [p for p in endpoint.probes if p.kind == WINDOW]
-        if window_probes:
-            first, last = window_probes[0], window_probes[-1]
-            events.append(
-                (first.t, f"{side.role} zero-window probes x{len(window_probes)} +{first.t - t0:.3f}..+{last.t - t0:.3f} s (persist timer, not keepalive)")
-            )
         if side.abort is not None:
             events.append((side.abort.t, f"{side.role} ABORT (RST) after {side.abort.unanswered_probes} unanswered probe(s): {side.abort.reason}"))
-        elif endpoint.reset is not None:
+        elif endpoint.reset is not None and not (report.path_cut is not None and report.path_cut.kind == "reset"
+                                                 and report.path_cut.t == endpoint.reset.t):
             events.append((endpoint.reset.t, f"{side.role} RST (not a keepalive abort)"))
         if endpoint.fin_t is not None:
             events.append((endpoint.fin_t, f"{side.role} FIN"))
+    events += path_events(report)
     events.sort(key=lambda e: e[0])
     lines = [f"+{t - t0:8.3f} s  {text}" for t, text in events]
     if len(lines) > TIMELINE_HEAD + TIMELINE_TAIL:
         hidden = len(lines) - TIMELINE_HEAD - TIMELINE_TAIL
         lines = lines[:TIMELINE_HEAD] + [f"           ... {hidden} more events (see --format json)"] + lines[-TIMELINE_TAIL:]
     return lines
+
+
+def path_events(report: ConnectionReport) -> list[tuple[float, str]]:
+    """Stalls, the path's cut and the side that learnt of the end too late, as timeline events."""
+    t0 = report.connection.start
+    events = [(stall.stall.first_sent, stall_words(side.role, stall, t0))
+              for side in (report.server, report.client) for stall in side.stalls
+              if stall.outcome != "acked" or stall.retransmissions >= 3]  # a lost segment resent once is just TCP
+    cut = report.path_cut
+    if cut is not None:
+        idle = f" after {cut.idle_before:.1f} s idle" if cut.idle_before is not None else ""
+        events.append((cut.t, f"PATH {cut.kind.upper()}{idle}: {cut.evidence}"))
+    after = report.after_end
+    if after is not None:
+        ended = report.connection.end
+        told = f"; the {report.connection.ended_by}'s kernel answered with a RST" if after.told_t is not None else ""
+        events.append((after.t, f"{after.side} found out {after.t - ended:.3f} s after the connection ended, on its "
+                                f"next send ({after.what}){told}"))
+    return events
+
+
+def stall_words(role: str, stall: StallReport, t0: float) -> str:
+    """One stall in a line: what stalled, what the kernel did, what bounds it."""
+    if stall.kind == WINDOW:
+        what = f"{role} zero-window probes (its data queued, the peer's window closed), {stall.retransmissions} probe(s)"
+    else:
+        what = f"{role} data unacknowledged, {stall.retransmissions} retransmission(s)"
+    since = f" from +{stall.stall.first_sent - t0:.3f} s"
+    if stall.stall.idle_before is not None and stall.stall.idle_before >= 1:
+        since += f" (after {stall.stall.idle_before:.1f} s idle)"
+    outcome = stall.outcome
+    if outcome == "acked":
+        tail = f"; taken at +{(stall.stall.end_t or t0) - t0:.3f} s"
+    elif outcome == "reset":
+        tail = f"; ended by a RST at +{(stall.stall.end_t or t0) - t0:.3f} s"
+    elif outcome == "gave_up":
+        assert stall.gave_up_between is not None
+        low, high = stall.gave_up_between
+        tail = f"; gave up in silence (no RST) between +{low - t0:.3f} s and +{high - t0:.3f} s"
+        if stall.mismatch is not None:
+            tail += f"; MISMATCH: {stall.mismatch}"
+        elif stall.give_up is not None:
+            tail += f", as {stall.give_up.rule} says (+{stall.give_up.t - t0:.3f} s)"
+        elif stall.inferred is not None:
+            tail += f": {stall.inferred.split(': ', 1)[-1]}"
+    else:
+        tail = "; still going at the end of the capture"
+        if stall.give_up is not None:
+            tail += f"; the kernel gives up at +{stall.give_up.t - t0:.3f} s by {stall.give_up.rule}"
+        elif stall.kind == WINDOW:
+            tail += "; only tcp_user_timeout bounds it while the peer answers"
+        else:
+            tail += "; tcp_user_timeout, or tcp_retries2 (15: about 15 min), bounds it"
+    why = " (persist timer)" if stall.kind == WINDOW else ""
+    return f"{what}{since}{tail}; keepalives do not apply while data is in flight{why}"
 
 
 def _end_words(reason: str) -> str:

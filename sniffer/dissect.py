@@ -77,15 +77,15 @@ _NOT_FIRST_FRAGMENT = -1
 
 _U16 = Struct("!H")
 _U32 = Struct("!I")
-ETHER_IPV4_TCP = Struct("!3sxH2xHxBxx12sIIBBH")
+ETHER_IPV4_TCP = Struct("!3sxHIHxx12sIIBBH")
 """The common frame in one unpack, from the EtherType (offset 12) on: EtherType and IPv4
 version/IHL as one 3-byte field (b"\\x08\\x00\\x45": IPv4 without options), total length,
-fragment field, protocol, the flow (addresses, then ports: contiguous when the IP header
-has no options), seq, ack, data offset byte, flags, window. 54 bytes make the TCP base
-header complete."""
+IP ID and fragment field as one 32-bit field, TTL and protocol as one 16-bit field, the flow
+(addresses, then ports: contiguous when the IP header has no options), seq, ack, data offset
+byte, flags, window. 54 bytes make the TCP base header complete."""
 IPV4_HEAD = b"\x08\x00\x45"
-_IP4 = Struct("!BxHxxHxBxx8s")
-_IP6 = Struct("!BxxxHBx32s")
+_IP4 = Struct("!BxHHHBBxx8s")
+_IP6 = Struct("!BxxxHBB32s")
 _TCP_AFTER_PORTS = Struct("!IIBBH")
 
 _VLAN_TPIDS = frozenset((0x8100, 0x88A8, 0x9100, 0x9200))
@@ -204,13 +204,13 @@ def _transport(buf, ip: int, version: int, end: int, wire_end: int = 0):
     if version == 4:
         if ip + 20 > end:
             return None
-        vihl, total, frag, proto, addrs = _IP4.unpack_from(buf, ip)
+        vihl, total, ip_id, frag, ttl, proto, addrs = _IP4.unpack_from(buf, ip)
         ihl = (vihl & 15) << 2
         if vihl >> 4 != 4 or ihl < 20 or ip + ihl > end:
             return None
         if frag & 0x1FFF:
             proto = _NOT_FIRST_FRAGMENT
-        return proto, ip + ihl, (total or wire_end - ip) - ihl, addrs
+        return proto, ip + ihl, (total or wire_end - ip) - ihl, addrs, ttl << 16 | ip_id
     if version == 6:
         return _ipv6_transport(buf, ip, end, wire_end)
     return None
@@ -219,7 +219,7 @@ def _transport(buf, ip: int, version: int, end: int, wire_end: int = 0):
 def _ipv6_transport(buf, ip: int, end: int, wire_end: int):
     if ip + 40 > end:
         return None
-    vtc, length, nh, addrs = _IP6.unpack_from(buf, ip)
+    vtc, length, nh, hops, addrs = _IP6.unpack_from(buf, ip)
     if vtc >> 4 != 6:
         return None
     p = ip + 40
@@ -234,14 +234,14 @@ def _ipv6_transport(buf, ip: int, end: int, wire_end: int):
             if p + 8 > end:
                 return None
             if _U16.unpack_from(buf, p + 2)[0] & 0xFFF8:
-                return _NOT_FIRST_FRAGMENT, p + 8, length - 8, addrs
+                return _NOT_FIRST_FRAGMENT, p + 8, length - 8, addrs, hops << 16
             size = 8
         else:
             break
         nh = buf[p]
         p += size
         length -= size
-    return nh, p, length, addrs
+    return nh, p, length, addrs, hops << 16
 
 
 # Dissection.
@@ -252,7 +252,7 @@ def _record_at(buf, ip: int, version: int, end: int, frame: int, t: float,
     found = _transport(buf, ip, version, end, wire_end)
     if found is None:
         return None
-    proto, tcp, length, addrs = found
+    proto, tcp, length, addrs, ttl_id = found
     if proto != _TCP or tcp + 20 > end:
         return None
     seq, ack, offset, flags, window = _TCP_AFTER_PORTS.unpack_from(buf, tcp + 4)
@@ -260,18 +260,18 @@ def _record_at(buf, ip: int, version: int, end: int, frame: int, t: float,
         return None
     payload = length - ((offset >> 4) << 2)
     return (frame, t, addrs + bytes(buf[tcp:tcp + 4]), seq, ack, flags, window,
-            payload if payload > 0 else 0)
+            payload if payload > 0 else 0, ttl_id)
 
 
 def dissect_ethernet(buf, off: int, end: int, frame: int, t: float, wirelen: int = 0,
                      _common=ETHER_IPV4_TCP.unpack_from, _head=IPV4_HEAD) -> Record | None:
     """An Ethernet frame: the common untagged IPv4/TCP frame in one unpack, anything else the general way."""
     if end - off >= 54:
-        head, total, frag, proto, flow, seq, ack, offset, flags, window = _common(buf, off + 12)
-        if head == _head and proto == 6 and not frag & 0x1FFF and offset >= 0x50:
+        head, total, id_frag, ttl_proto, flow, seq, ack, offset, flags, window = _common(buf, off + 12)
+        if head == _head and ttl_proto & 0xFF == 6 and not id_frag & 0x1FFF and offset >= 0x50:
             payload = total - 20 - ((offset >> 4) << 2)
             if payload >= 0:
-                return (frame, t, flow, seq, ack, flags, window, payload)
+                return (frame, t, flow, seq, ack, flags, window, payload, (ttl_proto >> 8) << 16 | id_frag >> 16)
     ip, version = _ethertype_chain(buf, off + 12, end)
     if not version:
         return None
@@ -320,7 +320,7 @@ def _header_ends(link, buf, off: int, end: int) -> tuple[int, int, int | None]:
     found = _transport(buf, ip, version, end)
     if found is None:
         return -1, min(ip, end), None
-    proto, l4, _, _ = found
+    proto, l4 = found[0], found[1]
     l4 = min(l4, end)
     if proto != _TCP or l4 + 20 > end or buf[l4 + 12] < 0x50:
         return ip, l4, None

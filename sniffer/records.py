@@ -3,10 +3,13 @@
 Every reader (pcap, pcapng, the live ring, the live socket) turns a frame into
 the same `Record` with `sniffer.dissect`: a plain tuple
 
-    (frame, t, flow, seq, ack, flags, window, payload_len)
+    (frame, t, flow, seq, ack, flags, window, payload_len, ttl_id)
 
 where `flow` is the source and destination addresses (4+4 or 16+16 bytes)
-followed by the two ports, as bytes: a dict key that needs no conversion. A
+followed by the two ports, as bytes: a dict key that needs no conversion, and
+`ttl_id` the IP header's TTL (IPv6: hop limit) shifted left by 16 bits, or'ed
+with the IPv4 ID: what tells a side's own packets from a middlebox's that
+answers in its name (`ttl_of`, `ip_id_of`). A
 capture can hold millions of packets, and a tuple is what Python builds
 fastest; only the TCP header fields the keepalive model needs are kept, and no
 payload ever is.
@@ -29,7 +32,7 @@ ACK = 0x10
 URG = 0x20
 
 Record = tuple
-"""``(frame, t, flow, seq, ack, flags, window, payload_len)``; see the module docstring."""
+"""``(frame, t, flow, seq, ack, flags, window, payload_len, ttl_id)``; see the module docstring."""
 
 
 @dataclass(slots=True)
@@ -39,7 +42,9 @@ class TcpSegment:
     `src`/`dst` are printable addresses ("172.17.0.2", "::1"); `window` is the
     raw 16-bit field (unscaled: a zero stays zero whatever the scale);
     `payload_len` is the TCP payload length from the IP header, so it stays
-    right when the capture was truncated by a snaplen.
+    right when the capture was truncated by a snaplen. `ttl` is the IP TTL
+    (IPv6 hop limit) as the packet crossed the capture point, `ip_id` the
+    IPv4 identification field (0 for IPv6); 0 and 0 when unknown.
     """
 
     frame: int
@@ -53,6 +58,8 @@ class TcpSegment:
     flags: int
     window: int
     payload_len: int
+    ttl: int = 0
+    ip_id: int = 0
 
 
 class CaptureError(Exception):
@@ -83,15 +90,20 @@ def flow_endpoints(flow: bytes) -> tuple[str, int, str, int]:
 
 def segment_of(record: Record) -> TcpSegment:
     """The `TcpSegment` a record stands for."""
-    frame, t, flow, seq, ack, flags, window, payload_len = record
+    frame, t, flow, seq, ack, flags, window, payload_len, ttl_id = record
     src, sport, dst, dport = flow_endpoints(flow)
-    return TcpSegment(frame, t, src, sport, dst, dport, seq, ack, flags, window, payload_len)
+    return TcpSegment(frame, t, src, sport, dst, dport, seq, ack, flags, window, payload_len,
+                      ttl_id >> 16, ttl_id & 0xFFFF)
 
 
 def record_of(segment: TcpSegment) -> Record:
     """The record of a `TcpSegment` (tests and tools that build segments by hand)."""
-    family = AF_INET6 if ":" in segment.src else AF_INET
-    flow = (inet_pton(family, segment.src) + inet_pton(family, segment.dst)
-            + _PORTS.pack(segment.sport, segment.dport))
+    flow = flow_key(segment.src, segment.sport, segment.dst, segment.dport)
     return (segment.frame, segment.t, flow, segment.seq, segment.ack, segment.flags, segment.window,
-            segment.payload_len)
+            segment.payload_len, segment.ttl << 16 | segment.ip_id)
+
+
+def flow_key(src: str, sport: int, dst: str, dport: int) -> bytes:
+    """The flow bytes of a record sent from (src, sport) to (dst, dport): the inverse of `flow_endpoints`."""
+    family = AF_INET6 if ":" in src else AF_INET
+    return inet_pton(family, src) + inet_pton(family, dst) + _PORTS.pack(sport, dport)

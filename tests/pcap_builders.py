@@ -69,7 +69,8 @@ class Tcp:
 
     def segment(self, frame: int, t_ns: int) -> TcpSegment:
         return TcpSegment(frame, t_ns / 1e9, self.src, self.sport, self.dst, self.dport,
-                          self.seq, self.ack, self.flags, self.window, len(self.payload))
+                          self.seq, self.ack, self.flags, self.window, len(self.payload),
+                          self.ttl, self.ident if self.version == 4 else 0)
 
 
 def ipv4(src: str, dst: str, body: bytes, *, proto: int = 6, options: bytes = b"",

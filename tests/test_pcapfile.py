@@ -701,7 +701,8 @@ def test_cli_counts_sll2_copies_once(tmp_path, capsys):
 
 TSHARK = shutil.which("tshark")
 FIELDS = ["frame.number", "ip.src", "ipv6.src", "tcp.srcport", "ip.dst", "ipv6.dst", "tcp.dstport",
-          "tcp.seq_raw", "tcp.ack_raw", "tcp.flags", "tcp.window_size_value", "tcp.len", "frame.time_epoch"]
+          "tcp.seq_raw", "tcp.ack_raw", "tcp.flags", "tcp.window_size_value", "tcp.len", "frame.time_epoch",
+          "ip.ttl", "ipv6.hlim", "ip.id"]
 
 
 def tshark_segments(path: Path) -> list[TcpSegment]:
@@ -714,9 +715,10 @@ def tshark_segments(path: Path) -> list[TcpSegment]:
     assert "malformed" not in done.stdout.lower()
     result = []
     for line in done.stdout.splitlines():
-        frame, src4, src6, sport, dst4, dst6, dport, seq, ack, flags, window, length, t = line.split("\t")
+        frame, src4, src6, sport, dst4, dst6, dport, seq, ack, flags, window, length, t, ttl, hlim, ip_id = line.split("\t")
         result.append(TcpSegment(int(frame), float(t), src4 or src6, int(sport), dst4 or dst6, int(dport), int(seq),
-                                 int(ack or 0), int(flags, 16), int(window), int(length) if length else -1))
+                                 int(ack or 0), int(flags, 16), int(window), int(length) if length else -1,
+                                 int(ttl or hlim), int(ip_id, 16) if ip_id else 0))
     return result
 
 

@@ -162,7 +162,10 @@ def test_a_peer_back_after_the_abort_does_not_undo_it():
     assert report.connection.end_reason == "keepalive_abort"
     assert report.server.abort is not None and report.server.abort.t == pytest.approx(conv.t0 + 15.13)
     assert report.verdict == "match"
-    assert "not a keepalive abort" not in text and "client FIN" in text
+    assert "not a keepalive abort" not in text
+    assert "client found out the connection had ended, 0.170 s later, on its next send (FIN)" in text
+    after = report.after_end
+    assert after is not None and after.side == "client" and after.what == "FIN" and after.told_t is not None
 
 def test_overdue_probe_alarm_says_keepalives_are_not_running():
     conv = Conversation().handshake().exchange(0.01)
