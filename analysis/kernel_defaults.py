@@ -21,6 +21,9 @@ from analysis.settings import (
     IDLE,
     INTERVAL,
     NAMESPACE_DEFAULTS,
+    RETRIES2_DEFAULT,
+    RETRIES2_RANGE,
+    RETRIES2_SYSCTL,
     SIDES,
     ExpectationError,
 )
@@ -50,6 +53,7 @@ class KernelDefaults:
     keepalive_time: int = IDLE.linux_default  # type: ignore[assignment]
     keepalive_intvl: int = INTERVAL.linux_default  # type: ignore[assignment]
     keepalive_probes: int = COUNT.linux_default  # type: ignore[assignment]
+    retries2: int = RETRIES2_DEFAULT
     source: str = "built-in Linux defaults"
     origins: tuple[tuple[str, str], ...] = ()
 
@@ -76,7 +80,12 @@ class KernelDefaults:
 
 
 _BY_FIELD = {s.kernel_field: s for s in NAMESPACE_DEFAULTS}
-_BY_SHORT_NAME = {s.sysctl.removeprefix("net.ipv4."): s for s in NAMESPACE_DEFAULTS}  # type: ignore[union-attr]
+# short sysctl name -> (KernelDefaults field, lowest, highest value accepted)
+_BY_SHORT_NAME: dict[str, tuple[str, int, int]] = {
+    **{s.sysctl.removeprefix("net.ipv4."): (s.kernel_field, s.sysctl_low, s.sysctl_high)  # type: ignore[union-attr]
+       for s in NAMESPACE_DEFAULTS},
+    RETRIES2_SYSCTL.removeprefix("net.ipv4."): ("retries2", *RETRIES2_RANGE),
+}
 
 
 def sysctl_short_name(name: str) -> str:
@@ -96,6 +105,8 @@ def parse_sysctls(items: Sequence[str]) -> tuple[KernelDefaults, KernelDefaults]
     it to that side's namespace (a container's can differ from the host's)
     and wins over an unprefixed item whatever the order.  Values are plain
     decimal integers: time and intvl in seconds, at least 1; probes 0..255.
+    ``net.ipv4.tcp_retries2`` (0..255, default 15) is accepted too: it bounds
+    a stall with data in flight when no tcp_user_timeout is set.
     The same name for the same side twice with different values is an
     error.  Sides not mentioned keep the built-in Linux defaults 7200/75/9.
     """
@@ -117,13 +128,13 @@ def parse_sysctls(items: Sequence[str]) -> tuple[KernelDefaults, KernelDefaults]
         if not sep:
             raise ExpectationError(f"--sysctl {item}: expected [server:|client:]NAME=N, e.g. net.ipv4.tcp_keepalive_time=600")
         short = sysctl_short_name(name.lower())
-        setting = _BY_SHORT_NAME.get(short)
-        if setting is None:
+        known = _BY_SHORT_NAME.get(short)
+        if known is None:
             valid = ", ".join(f"net.ipv4.{n}" for n in _BY_SHORT_NAME)
             close = difflib.get_close_matches(short.split(".")[-1], list(_BY_SHORT_NAME), n=1, cutoff=0.6)
             hint = f"; did you mean net.ipv4.{close[0]}?" if close else ""
             raise ExpectationError(f"--sysctl {item}: unknown sysctl {name.strip(C_SPACE)!r}{hint} (valid: {valid})")
-        field_name, low, high = setting.kernel_field, setting.sysctl_low, setting.sysctl_high
+        field_name, low, high = known
         text = unquote(value)
         if not re.fullmatch(r"[0-9]+", text):
             raise ExpectationError(f"--sysctl {item}: the value must be a whole number")
@@ -138,7 +149,7 @@ def parse_sysctls(items: Sequence[str]) -> tuple[KernelDefaults, KernelDefaults]
     def side_defaults(side: str) -> KernelDefaults:
         values: dict[str, int] = {}
         origins: list[tuple[str, str]] = []
-        for field_name in _BY_FIELD:
+        for field_name, _, _ in _BY_SHORT_NAME.values():
             chosen = given.get((side, field_name)) or given.get(("", field_name))
             if chosen is not None:
                 values[field_name] = chosen[0]
@@ -146,7 +157,7 @@ def parse_sysctls(items: Sequence[str]) -> tuple[KernelDefaults, KernelDefaults]
         if not origins:
             return KernelDefaults()
         source = "; ".join(f"--sysctl {text}" for _, text in origins)
-        if len(origins) < len(_BY_FIELD):
+        if len(origins) < len(_BY_SHORT_NAME):
             source += "; built-in Linux defaults for the rest"
         return KernelDefaults(**values, source=source, origins=tuple(origins))
 

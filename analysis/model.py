@@ -533,17 +533,18 @@ class KeepaliveModel:
         self._flow(conn, sender, receiver, seg.t)
         self._segment(conn, sender, receiver, seg)
 
-    def _flow(self, conn: Connection, sender: Endpoint, receiver: Endpoint, t: float) -> None:
+    def _flow(self, conn: Connection, sender: Endpoint, receiver: Endpoint, t: float, answers: bool = True) -> None:
         """A packet crossed: the connection's silence (in both directions: what a middlebox's idle timer sees) ends.
 
         A silence survived once the side that received the packet ending it
         speaks again (`owes_answer`); `longest_idle_survived` keeps the longest.
+        A RST never `answers`: a middlebox's RST comes in the peer's name.
         """
         idle = t - conn.end
         conn.end = t
         if idle > IDLE_WORTH:
             self._silence_ended(conn, receiver, idle, t)
-        if sender.owes_answer:
+        if answers and sender.owes_answer:
             self._silence_survived(conn, sender)
 
     @staticmethod
@@ -589,7 +590,7 @@ class KeepaliveModel:
         if not seg.flags & RST:
             sender.learn_fingerprint(seg.ttl, seg.ip_id)
         idle_before = self._idle_before(conn, conn.end)  # the silence the previous packet ended: what a RST answers
-        self._flow(conn, sender, receiver, seg.t)  # after the reuse check: the old connection ended before this SYN
+        self._flow(conn, sender, receiver, seg.t, not seg.flags & RST)  # after the reuse check: the old one ended before
         if receiver.pending_first is not None and seg.flags & ACK:
             self._resolve_pending(conn, receiver, sender, seg.ack)
         if sender.pending_first is not None:

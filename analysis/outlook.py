@@ -26,6 +26,7 @@ from analysis.kernel_timer import (
     abort_due,
     next_event,
 )
+from analysis.stalls import judge_stall
 from analysis.model import WINDOW, Connection, Endpoint, KeepaliveModel
 from analysis.prober import estimate_idle, estimate_interval
 from analysis.settings import CLIENT, SERVER
@@ -35,6 +36,8 @@ from analysis.words import local_clock
 # An alarm waits this much beyond the timer tolerance: a capture clock and a
 # busy machine should not page anyone for a probe 300 ms late.
 ALARM_GRACE_S = 1.0
+STALL_ALARM_S = 2.0
+"""Data unacknowledged this long (and resent twice) is a stall worth an alarm."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +54,7 @@ class SideOutlook:
 
 @dataclass(frozen=True, slots=True)
 class Alarm:
-    kind: str  # "probe_overdue" | "peer_silent" | "abort_missing"
+    kind: str  # "probe_overdue" | "peer_silent" | "abort_missing" | "stall"
     t: float
     connection: Connection
     side: str
@@ -131,6 +134,9 @@ class LiveMonitor:
     def _check(self, conn: Connection, role: str, now: float) -> list[Alarm]:
         out = self.outlook(conn, role)
         found: list[Alarm] = []
+        stall = self._stall_alarm(conn, role, now)
+        if stall is not None:
+            found.append(stall)
         if out.abort_due is not None:
             late = timer_tolerance(self._interval_of(role, conn) or 1.0, self.hz).late + ALARM_GRACE_S
             if now > out.abort_due + late:
@@ -156,6 +162,36 @@ class LiveMonitor:
                           "keepalives are not running on this side, or not with these settings")
                 )
         return found
+
+    def _stall_alarm(self, conn: Connection, role: str, now: float) -> Alarm | None:
+        """Data unacknowledged for a while, retransmitted: keepalive does not apply; say what ends it, and when.
+
+        Raised once per stall, after STALL_ALARM_S and at least two resends
+        (one lost segment resent once is just TCP).
+        """
+        endpoint = conn.side(role)
+        stall = endpoint.stall
+        if (stall is None or conn.end_reason != "open" or len(stall.resends) < 2
+                or now - stall.first_sent < STALL_ALARM_S):
+            return None
+        settings = self.settings[role]
+        expected = settings if settings.user_timeout is not None else TimerSettings(user_timeout=0.0)
+        report = judge_stall(stall, endpoint, expected, now, self.hz)
+        what = "zero-window probes (data queued, window closed)" if stall.kind == WINDOW else "data unacknowledged"
+        message = (f"{role}: {what} for {now - stall.first_sent:.1f} s, {len(stall.resends)} "
+                   f"{'probes' if stall.kind == WINDOW else 'retransmissions'}; keepalives do not apply while data "
+                   "is in flight")
+        give_up = report.give_up
+        if give_up is not None:
+            if give_up.t - now < 120:
+                message += f"; the kernel gives up at {local_clock(give_up.t, millis=False)} by {give_up.rule}"
+            else:
+                message += f"; the kernel gives up in about {(give_up.t - now) / 60:.0f} min by {give_up.rule}"
+            if settings.user_timeout is None:
+                message += " (assuming no tcp_user_timeout)"
+        elif stall.kind == WINDOW:
+            message += "; only tcp_user_timeout bounds it while the peer answers"
+        return Alarm("stall", stall.first_sent, conn, role, message)
 
     def _idle_of(self, role: str, conn: Connection) -> float | None:
         return self.settings[role].idle or estimate_idle(conn.side(role).keepalive_probes())

@@ -118,7 +118,14 @@ NAMESPACE_DEFAULTS: tuple[KeepaliveSetting, ...] = tuple(s for s in SETTINGS if 
 """The settings a 0 resolves to a namespace default for: idle, interval, count."""
 
 GUC_NAMES: tuple[str, ...] = tuple(s.guc for s in SETTINGS)
-SYSCTL_NAMES: tuple[str, ...] = tuple(s.sysctl for s in NAMESPACE_DEFAULTS)  # type: ignore[misc]
+
+RETRIES2_SYSCTL = "net.ipv4.tcp_retries2"
+RETRIES2_DEFAULT = 15
+RETRIES2_RANGE = (0, 255)
+"""The namespace's bound on retransmissions when no tcp_user_timeout is set (~924.6 s for 15):
+not a keepalive setting, but what ends a connection whose data is in flight."""
+SYSCTL_NAMES: tuple[str, ...] = (*(s.sysctl for s in NAMESPACE_DEFAULTS), RETRIES2_SYSCTL)  # type: ignore[misc]
+"""The sysctls of a network namespace kaobs reads and lets the user state (--sysctl)."""
 
 ENABLED_KEY = "enabled"
 """The switch: SO_KEEPALIVE. Postgres turns it on for every TCP session; libpq's ``keepalives`` on the client."""

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from analysis.pipeline import Analysis, AnalysisRun
 from kaobs.lab.command import lab
-from kaobs.options import UserError, expectation_options, fail, make_expectations
+from kaobs.options import UserError, expectation_options, fail, idle_cut_option, make_expectations
 from kaobs.report import (
     echo_json,
     render_text,
@@ -42,8 +42,9 @@ def main() -> None:
                    "and pg_read_all_stats); judged against the capture. The password is never printed.")
 @click.option("--container", "server_container", metavar="NAME",
               help="With --dsn: the server's Docker container, whose network namespace's sysctls resolve a setting of 0.")
+@idle_cut_option
 def analyze(captures: tuple[str, ...], expect, client_dsn, sysctls, ports, hz, output_format, dsn=None,
-            server_container=None) -> None:
+            server_container=None, idle_cut=None) -> None:
     """Analyze saved pcap/pcapng files (several files are read in order as one capture).
 
     Exit 0 when nothing contradicts the expectations, 1 when something does,
@@ -83,7 +84,7 @@ def analyze(captures: tuple[str, ...], expect, client_dsn, sysctls, ports, hz, o
             postgres = Postgres.read(dsn, expectations, sysctls, server_container,
                                      say_error=lambda line: click.echo(f"kaobs: error: {line}", err=True))
             expectations = postgres.expectations
-        reports = analysis.reports(expectations)
+        reports = analysis.reports(expectations, idle_cut=idle_cut)
         if postgres is None:
             if output_format == "json":
                 counts = write_json_streamed(sys.stdout, run, reports, expectations)

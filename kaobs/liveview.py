@@ -23,6 +23,7 @@ from rich.text import Text
 from analysis.expect import Expectations
 from analysis.model import END_REASONS, WINDOW, Connection, KeepaliveModel, ModelEvent
 from analysis.outlook import Alarm, LiveMonitor
+from analysis.path import path_reset
 from analysis.settings import CLIENT, SERVER
 from analysis.tolerance import DEFAULT_HZ
 from analysis.verdict import judge_connection
@@ -64,6 +65,9 @@ def event_line(event: ModelEvent) -> str | None:
         return (f"{when} #{conn.index} {side} ABORT (RST) after {event.reset.unanswered_probes} unanswered "
                 f"probe(s): connection ended by keepalive")
     if event.kind == "reset":
+        cut = path_reset(conn, conn.start)
+        if cut is not None:
+            return f"{when} ALARM #{conn.index} PATH RST: {cut.evidence}"
         return f"{when} #{conn.index} {side} RST: connection ended (not a keepalive abort)"
     if event.kind == "fin":
         return f"{when} #{conn.index} {side} FIN: closing"

@@ -53,3 +53,11 @@ def make_expectations(expect: Sequence[str], client_dsn: str | None, sysctls: Se
         return apply_session_options(build_expectations(expect, client_dsn, sysctls), client_dsn)[0]
     except ExpectationError as error:
         raise UserError(str(error)) from None
+
+
+def idle_cut_option(function):
+    """--idle-cut: a middlebox's idle timeout the user knows about (AWS NLB 350 s, Azure 240 s, IPVS 900 s ...)."""
+    return click.option(
+        "--idle-cut", type=click.FloatRange(min=1.0, max=432_000.0), metavar="SECONDS", default=None,
+        help="The path forgets connections idle this long (a load balancer, NAT or firewall): a side whose first "
+             "keepalive probe comes later is a finding.")(function)

@@ -252,16 +252,33 @@ def render_text(
         render_postgres(console, postgres)
     counts = dict.fromkeys(VERDICTS, 0)
     total = 0
+    path = PathSummary()
     for report in reports:
         render_connection(console, report, expectations, postgres=postgres)
         counts[report.verdict] += 1
         total += 1
+        path.add(report.connection, report.path_cut)
     if not total:
         console.print(f"No Postgres connection in {', '.join(run.sources)} ({run.segments} TCP segments, none on the server port).")
         return counts
+    for line, style in path_lines(path, expectations):
+        console.print(Text(line, style=style))
     parts = [f"{n} {v}" for v, n in counts.items() if n]
     console.print(f"{total} connection(s): " + ", ".join(parts) + f"  [{run.packets} packets, {run.segments} TCP segments]")
     return counts
+
+
+def path_lines(path: PathSummary, expectations: Expectations | None) -> list[tuple[str, str]]:
+    """The path across connections: the idle cut it shows, with the advice, and what does not fit."""
+    lines: list[tuple[str, str]] = []
+    cut = path.idle_cut()
+    if cut is not None:
+        lines.append((f"path: {idle_advice(cut, *_first_probe_idles(expectations))}", "bold yellow"))
+        lines += [(f"  {line}", "dim") for line in cut.evidence]
+    lines += [(f"path: warning: {warning}", "yellow") for warning in path.warnings()]
+    if lines:
+        lines.append(("", ""))
+    return lines
 
 
 def render_connection(

@@ -29,7 +29,7 @@ from analysis.pipeline import Analysis, AnalysisRun
 from analysis.verdict import ConnectionReport
 from analysis.words import local_clock
 from kaobs.liveview import LiveHeader, alarm_line, event_line, live_view
-from kaobs.options import UserError, expectation_options, make_expectations
+from kaobs.options import UserError, expectation_options, idle_cut_option, make_expectations
 from kaobs.report import echo_json, render_text, text_console, to_json
 from kaobs.status import exit_status
 from sniffer.capture import LiveCapture
@@ -54,6 +54,7 @@ def run_live(
     title: str = "",
     clock: Callable[[], float] = time.time,
     on_tick: Callable[[list, float], list[str]] | None = None,
+    idle_cut: float | None = None,
 ) -> tuple[AnalysisRun, list[ConnectionReport]]:
     """Feed the model from `capture` until `duration`, `stop`, or Ctrl-C; return the final run and reports.
 
@@ -115,7 +116,7 @@ def run_live(
                 for event in events:
                     line = event_line(event)
                     if line is not None:
-                        say(line)
+                        say(line, alarm=" ALARM " in line)
                 events.clear()
             now = clock()
             if now - last_alarm_check >= ALARM_CHECK_S:
@@ -161,7 +162,7 @@ def run_live(
     if mode == "lines":
         say(f"{local_clock(end)} stopped after {end - started:.1f} s: {stats.packets - stats.duplicates} packets, "
             f"{stats.segments} TCP segments, {len(model.connections)} connection(s)")
-    return run, list(analysis.reports(expectations, end))
+    return run, list(analysis.reports(expectations, end, idle_cut))
 
 
 # -- the command -----------------------------------------------------------------
@@ -226,8 +227,9 @@ def set_priority(niceness: int) -> None:
               help="Read the server's settings and sessions over TCP: name connections, check backends after aborts.")
 @click.option("--nice", "niceness", type=click.IntRange(-20, 19), default=0, show_default=True, metavar="N",
               help="Run at this scheduling priority (e.g. -10) so a saturated machine does not starve the capture.")
+@idle_cut_option
 def watch(interfaces, container, network, expect, client_dsn, sysctls, ports, hz, output_format,
-          duration, write_path, full_packets, dsn=None, niceness=0) -> None:
+          duration, write_path, full_packets, dsn=None, niceness=0, idle_cut=None) -> None:
     """Watch live Postgres traffic: probes, answers, aborts and alarms as they happen, then the report.
 
     Without --interface/--container/--network, captures on the Docker
@@ -264,7 +266,7 @@ def watch(interfaces, container, network, expect, client_dsn, sysctls, ports, hz
             run, reports = run_live(
                 capture, expectations=expectations, ports=ports, hz=int(hz), output_format=output_format,
                 duration=duration, stop=stop, console=console, title=target.description,
-                on_tick=postgres.tick_lines if postgres is not None else None)
+                on_tick=postgres.tick_lines if postgres is not None else None, idle_cut=idle_cut)
     except CaptureError as error:
         raise UserError(str(error)) from None
     finally:

@@ -16,12 +16,19 @@ connections on the wire to sessions by their local port.
 A session with ``stop_reading`` sends a query with a large result and never
 reads it: once the client's receive buffer is full the server's send queue fills and it
 probes the zero window (persist timer), which must not be taken for
-keepalives.
+keepalives. A session with ``every`` sends ``SELECT 1`` that often (a busy
+connection); one with ``query_after`` sends it once, that long after the
+client is ready (a connection that idled, then speaks: through a middlebox
+that forgot it, its data never gets through, or meets a RST). Queries are
+sent without waiting (libpq's non-blocking calls), so one stalled session
+does not hold up the others.
 
 It ends by itself: when its stdin closes (the lab went away, even killed),
 on SIGTERM/SIGINT, or after ``max_seconds``. It never reconnects and sends
-nothing after the setup, except what libpq needs to notice a dead
-connection when the kernel reports one.
+nothing but the queries asked for, what libpq needs to notice a dead
+connection, and, when the lab writes ``close`` on its stdin, a Terminate
+message and a FIN on every session (a client back after a network cut,
+closing its connections).
 """
 from __future__ import annotations
 
@@ -81,7 +88,12 @@ class Session:
         self.conn: psycopg.Connection | None = None
         self.local = ""
         self.lost = False
+        self.closed = False
         self.stop_reading = bool(session.get("stop_reading"))
+        self.every = session.get("every")
+        self.query_after = session.get("query_after")
+        self.next_query: float | None = None  # monotonic time of the next query, set once the client is ready
+        self.busy_since: float | None = None  # a query sent, its result not read yet
 
     def open(self) -> None:
         conn = psycopg.connect(conninfo_for(self.spec, self.session), autocommit=True)
@@ -122,23 +134,63 @@ class Session:
         assert self.conn is not None
         return self.conn.pgconn.socket
 
+    def schedule(self, ready: float) -> None:
+        """Plan the first query, from the moment every session is idle."""
+        if self.every is not None:
+            self.next_query = ready + float(self.every)
+        elif self.query_after is not None:
+            self.next_query = ready + float(self.query_after)
+
+    def maybe_query(self, now: float) -> None:
+        """Send SELECT 1 when it is due and nothing is pending; never waits for the answer."""
+        if self.lost or self.closed or self.next_query is None or now < self.next_query or self.busy_since is not None:
+            return
+        assert self.conn is not None
+        pgconn = self.conn.pgconn
+        try:
+            pgconn.send_query(b"SELECT 1")
+            pgconn.flush()
+        except psycopg.OperationalError as error:
+            self._lost(_one_line(error))
+            return
+        self.busy_since = now
+        emit("query_sent", session=self.index, local=self.local)
+        self.next_query = now + float(self.every) if self.every is not None else None
+
     def on_readable(self) -> None:
-        """Something came in on an idle session: a notice, or the kernel's error for a dead connection."""
+        """Something came in: a query's result, a notice, or the kernel's error for a dead connection."""
         assert self.conn is not None
         pgconn = self.conn.pgconn
         try:
             pgconn.consume_input()
         except psycopg.OperationalError as error:
-            self.lost = True
-            emit("connection_lost", session=self.index, local=self.local, error=_one_line(error))
+            self._lost(_one_line(error))
             return
         if pgconn.status != psycopg.pq.ConnStatus.OK:
-            self.lost = True
-            emit("connection_lost", session=self.index, local=self.local,
-                 error=_one_line(pgconn.error_message.decode(errors="replace")))
+            self._lost(_one_line(pgconn.error_message.decode(errors="replace")))
+            return
+        if self.busy_since is not None and not pgconn.is_busy():
+            while pgconn.get_result() is not None:
+                pass
+            emit("query_done", session=self.index, local=self.local, seconds=round(time.monotonic() - self.busy_since, 3))
+            self.busy_since = None
+
+    def _lost(self, error: str) -> None:
+        self.lost = True
+        emit("connection_lost", session=self.index, local=self.local, error=error)
+
+    def close_now(self) -> None:
+        """Close as an application does: a Terminate message, then FIN (psycopg's close)."""
+        if self.conn is not None and not self.closed:
+            self.closed = True
+            try:
+                self.conn.close()
+            except psycopg.Error:
+                pass
+            emit("closed", session=self.index, local=self.local)
 
     def close(self) -> None:
-        if self.conn is not None:
+        if self.conn is not None and not self.closed:
             try:
                 # Closing would send a Terminate message and a FIN: after a fault
                 # they could never arrive, and before one they must not end the
@@ -169,22 +221,38 @@ def run(spec: dict[str, Any]) -> int:
         emit("error", message=_one_line(error))
         return 1
     emit("ready", sessions=len(sessions))
+    ready = time.monotonic()
+    for session in sessions:
+        session.schedule(ready)
     stdin_open = True
+    commands = b""
     while not stop["now"] and time.monotonic() < deadline:
-        watched = [s for s in sessions if not s.lost and not s.stop_reading]
+        now = time.monotonic()
+        for session in sessions:
+            session.maybe_query(now)
+        watched = [s for s in sessions if not s.lost and not s.closed and not s.stop_reading]
         fds: list[Any] = list(watched)
         if stdin_open:
             fds.append(sys.stdin)
-        timeout = min(0.5, max(0.0, deadline - time.monotonic()))
+        due = [s.next_query for s in sessions if s.next_query is not None and not s.lost]
+        timeout = min(0.5, max(0.0, deadline - now), *(max(0.0, t - now) for t in due))
         try:
             readable, _, _ = select.select(fds, [], [], timeout)
         except InterruptedError:
             continue
         for item in readable:
             if item is sys.stdin:
-                if not sys.stdin.buffer.read1(4096):  # EOF: the lab is gone
+                data = sys.stdin.buffer.read1(4096)
+                if not data:  # EOF: the lab is gone
                     stop["now"] = True
                     stdin_open = False
+                    continue
+                commands += data
+                while b"\n" in commands:
+                    command, commands = commands.split(b"\n", 1)
+                    if command.strip() == b"close":
+                        for session in sessions:
+                            session.close_now()
             else:
                 item.on_readable()
     emit("exit", reason="stopped" if stop["now"] else "max_seconds")

@@ -36,7 +36,10 @@ from kaobs.lab.docker import (
 from kaobs.lab.plan import expected_end
 from kaobs.lab.run import LabEvent, LabRun
 from kaobs.lab.scenario import (
+    FAULT_CLIENT_RETURNS,
     FAULT_CLIENT_VANISHES,
+    FAULT_MIDDLEBOX_DROP,
+    FAULT_MIDDLEBOX_RESET,
     FAULT_NONE,
     FAULT_STOPS_READING,
     LAB_FAULTS,
@@ -49,7 +52,7 @@ from kaobs.lab.scenario import (
     sysctl_items,
     vanishing_side,
 )
-from kaobs.options import UserError, expectation_options
+from kaobs.options import UserError, expectation_options, idle_cut_option
 from kaobs.report import echo_json, render_text, text_console, to_json
 from kaobs.status import exit_status
 from kaobs.watch import run_live
@@ -98,7 +101,7 @@ def rejudge(lab: LabRun, run: AnalysisRun, reports: list[ConnectionReport], user
         exp = lab_expectations(lab, conn.client.endpoint, user)
         server = exp.server if exp.server.judged() else None
         client = exp.client if exp.client.judged() else None
-        out.append(judge_connection(conn, server, client, end, hz))
+        out.append(judge_connection(conn, server, client, end, hz, lab.scenario.idle_cut))
     return out
 
 
@@ -137,10 +140,13 @@ def lab_json(lab: LabRun, image: str) -> dict:
 @click.command()
 @click.option("--image", default=lambda: os.environ.get(IMAGE_ENV, DEFAULT_IMAGE), show_default=f"${IMAGE_ENV} or {DEFAULT_IMAGE}",
               help="Postgres image (official interface); never pulled. CI uses kaobs/postgres:15-local.")
-@click.option("--tcp-keepalives-idle", "idle", default="3", show_default=True, metavar="VALUE",
-              help="Server GUC tcp_keepalives_idle (Postgres units; 0 = kernel default).")
-@click.option("--tcp-keepalives-interval", "interval", default="2", show_default=True, metavar="VALUE")
-@click.option("--tcp-keepalives-count", "count", default="3", show_default=True, metavar="VALUE")
+@click.option("--tcp-keepalives-idle", "idle", default=None, metavar="VALUE",
+              help="Server GUC tcp_keepalives_idle (Postgres units; 0 = kernel default). Default 3, or 1.5 x "
+                   "--idle-cut with a middlebox fault (probes that come too late).")
+@click.option("--tcp-keepalives-interval", "interval", default=None, metavar="VALUE",
+              help="Server GUC tcp_keepalives_interval. Default 2, or 1 with a middlebox fault.")
+@click.option("--tcp-keepalives-count", "count", default=None, metavar="VALUE",
+              help="Server GUC tcp_keepalives_count. Default 3.")
 @click.option("--tcp-user-timeout", "user_timeout", default=None, metavar="VALUE", help="Server GUC tcp_user_timeout (ms).")
 @click.option("-c", "settings", multiple=True, metavar="NAME=VALUE", help="Any server setting, as postgres -c. Repeatable.")
 @click.option("--server-sysctl", multiple=True, metavar="NAME=N",
@@ -149,10 +155,14 @@ def lab_json(lab: LabRun, image: str) -> dict:
 @click.option("--libpq", multiple=True, metavar="KEY=VALUE",
               help=f"Client libpq parameter: {', '.join(LIBPQ_KEYWORDS)}.")
 @click.option("--session", "sessions", multiple=True, metavar="SPEC",
-              help="One client connection each (default: one): 'default', or 'set:NAME=V,options:NAME=V' per-session settings.")
+              help="One client connection each (default: one): 'default', or 'set:NAME=V,options:NAME=V' per-session "
+                   "settings, 'every:S' (query every S s), 'query-after:S' (query once, after S s).")
 @click.option("--fault", type=click.Choice(LAB_FAULTS), default=FAULT_CLIENT_VANISHES, show_default=True,
               help="client-vanishes / server-vanishes: every packet of that side dropped (no FIN, no RST); "
-                   "client-stops-reading: a large result never read (zero-window probes); none.")
+                   "client-stops-reading: a large result never read (zero-window probes); middlebox-drop / "
+                   "middlebox-reset: a router between client and server forgets connections idle --idle-cut seconds, "
+                   "then drops their packets or answers them with a RST; client-returns: the client vanishes, "
+                   "comes back after the server's abort and closes its sessions; none.")
 @click.option("--answered", type=click.IntRange(0, 100), default=2, show_default=True,
               help="The fault comes after this many answered probes of the side that must notice it.")
 @click.option("--fault-after", type=click.FloatRange(0, 600), default=None, metavar="S",
@@ -163,9 +173,10 @@ def lab_json(lab: LabRun, image: str) -> dict:
               help="Keep the capture: headers only unless --full-packets.")
 @click.option("--full-packets", is_flag=True, help="With --write, keep whole packets.")
 @expectation_options
+@idle_cut_option
 def lab(image, idle, interval, count, user_timeout, settings, server_sysctl, client_sysctl, libpq, sessions, fault,
         answered, fault_after, duration, write_path, full_packets, expect, client_dsn, sysctls, ports, hz,
-        output_format) -> None:
+        output_format, idle_cut) -> None:
     """Run the seed's experiment live in Docker: probes, fault, abort, verdict; then clean up.
 
     Needs root and a Docker engine. The report is judged against the
@@ -181,7 +192,8 @@ def lab(image, idle, interval, count, user_timeout, settings, server_sysctl, cli
         scenario = scenario_from_options(
             idle=idle, interval=interval, count=count, user_timeout=user_timeout, settings=settings,
             server_sysctls=server_sysctl, client_sysctls=client_sysctl, libpq=libpq, sessions=sessions,
-            fault=fault, answered=answered, fault_after=fault_after, duration=duration, port=ports[0])
+            fault=fault, answered=answered, fault_after=fault_after, duration=duration, port=ports[0],
+            idle_cut=idle_cut)
         user = (tuple(expect), client_dsn, tuple(sysctls))
         build_expectations(expect, client_dsn, sysctls)  # bad --expect: one line now, not after the run
         check_docker()
@@ -215,7 +227,14 @@ def run_lab(scenario: Scenario, image: str, *, user, hz: int, output_format: str
         signal.signal(signal.SIGINT, interrupt)
     lab = LabRun(scenario, image, write=write_path, full_packets=full_packets, on_event=on_event)
     gone = vanishing_side(scenario.fault)
-    plan = {FAULT_NONE: "no fault", FAULT_STOPS_READING: "the client stops reading a large result"}.get(
+    cut = f"{scenario.idle_cut:g}" if scenario.idle_cut is not None else "?"
+    plan = {FAULT_NONE: "no fault", FAULT_STOPS_READING: "the client stops reading a large result",
+            FAULT_MIDDLEBOX_DROP: f"a router forgets connections idle {cut} s and drops their packets "
+                                  "(capturing on the server's side)",
+            FAULT_MIDDLEBOX_RESET: f"a router forgets connections idle {cut} s and answers their "
+                                   "packets with a RST (capturing on the server's side)",
+            FAULT_CLIENT_RETURNS: f"the client vanishes after {scenario.fault_after_answered} answered probe(s) and "
+                                  "comes back after the server's abort"}.get(
         fault_label, f"the {gone} vanishes after {scenario.fault_after_answered} answered probe(s)")
     end = expected_end(scenario)
     show.print(f"kaobs lab: {image}, {len(scenario.sessions)} session(s), {plan}; "
@@ -236,7 +255,7 @@ def run_lab(scenario: Scenario, image: str, *, user, hz: int, output_format: str
                 run, reports = run_live(
                     capture, expectations=lab.default_expectations(), ports=[scenario.port], hz=hz,
                     output_format=output_format, duration=lab.bound + 10, stop=lab.stop_event, console=console,
-                    title=f"kaobs lab {lab.env.run_id}")
+                    title=f"kaobs lab {lab.env.run_id}", idle_cut=scenario.idle_cut)
             if lab.error:
                 raise LabError(lab.error)
             result = run, rejudge(lab, run, reports, user, hz)

@@ -28,7 +28,9 @@ from typing import Callable, Sequence
 from analysis.settings import CLIENT, SYSCTL_NAMES
 from kaobs.lab.plan import time_bound
 from kaobs.lab.scenario import (
+    FAULT_MIDDLEBOX_DROP,
     MAX_DURATION_S,
+    ROUTED_FAULTS,
     LabError,
     Scenario,
     server_command,
@@ -88,13 +90,14 @@ def labels(run_id: str, pid: int | None = None, started: float | None = None) ->
 
 
 def client_spec(scenario: Scenario, host: str, max_seconds: float) -> dict:
-    """What `kaobs.labclient` gets on its command line (no password: PGPASSWORD is in its environment)."""
+    """What `kaobs.lab.client` gets on its command line (no password: PGPASSWORD is in its environment)."""
     return {
         "host": host,
         "port": scenario.port,
         "libpq": dict(scenario.client_params),
         "sessions": [
-            {"index": i, "options": list(s.options), "sets": list(s.sets), "stop_reading": s.stop_reading}
+            {"index": i, "options": list(s.options), "sets": list(s.sets), "stop_reading": s.stop_reading,
+             "every": s.every, "query_after": s.query_after}
             for i, s in enumerate(scenario.sessions)
         ],
         "max_seconds": max_seconds,
@@ -284,10 +287,14 @@ class LabEnvironment:
         self.log = log
         self.lifetime = lifetime or (time_bound(scenario) + 120)
         self.password = secrets.token_urlsafe(18)
-        self.network = f"kaobs-lab-{self.run_id}"
+        self.routed = scenario.fault in ROUTED_FAULTS
+        self.network = f"kaobs-lab-{self.run_id}" + ("-server" if self.routed else "")
         self.network_id = ""
+        self.client_network = f"kaobs-lab-{self.run_id}-client" if self.routed else self.network
+        self.client_network_id = ""
         self.server: LabContainer | None = None
         self.client: LabContainer | None = None
+        self.router: LabContainer | None = None
         self.server_sysctls: dict[str, int] = {}
         self.client_sysctls: dict[str, int] = {}
         self.fault_method = ""
@@ -295,7 +302,13 @@ class LabEnvironment:
 
     @property
     def bridge(self) -> str:
+        """The server's network's bridge: what a DBA captures at the database host."""
         return f"br-{self.network_id[:12]}"
+
+    @property
+    def client_bridge(self) -> str:
+        """The client's network's bridge (the server's, when there is no router between them)."""
+        return f"br-{(self.client_network_id or self.network_id)[:12]}"
 
     def __enter__(self) -> "LabEnvironment":
         try:
@@ -314,28 +327,86 @@ class LabEnvironment:
         stale = remove_labelled(LABEL, only_stale=True)
         if stale:
             self.log(f"removed leftovers of earlier lab runs: {', '.join(stale)}")
+        # Docker's --internal networks drop what is routed between two networks: a router needs plain bridges.
+        internal = () if self.routed else ("--internal",)
         self.network_id = docker(
-            "network", "create", "--internal", *labels(self.run_id), self.network, timeout=60).strip()
+            "network", "create", *internal, *labels(self.run_id), self.network, timeout=60).strip()
+        if self.routed:
+            self.client_network_id = docker(
+                "network", "create", *labels(self.run_id), self.client_network, timeout=60).strip()
         env = dict(os.environ, POSTGRES_PASSWORD=self.password)
         server_cmd = docker_run_server(self.scenario, self.run_id, self.network, self.image)
         self.log(_shown(server_cmd))
         docker(*server_cmd[1:], env=env, timeout=120)
-        client_cmd = docker_run_client(self.scenario, self.run_id, self.network, self.image, self.lifetime)
+        client_cmd = docker_run_client(self.scenario, self.run_id, self.client_network, self.image, self.lifetime)
         docker(*client_cmd[1:], timeout=120)
-        self.server = self._endpoint(f"kaobs-lab-{self.run_id}-server")
-        self.client = self._endpoint(f"kaobs-lab-{self.run_id}-client")
+        self.server = self._endpoint(f"kaobs-lab-{self.run_id}-server", self.network)
+        self.client = self._endpoint(f"kaobs-lab-{self.run_id}-client", self.client_network)
+        if self.routed:
+            self._start_router()
         self._wait_ready()
         self.server_sysctls = read_sysctls(self.server)
         self.client_sysctls = read_sysctls(self.client)
-        if not os.path.exists(f"/sys/class/net/{self.bridge}"):
-            raise LabError(f"the lab network's bridge {self.bridge} is not there")
+        for bridge in {self.bridge, self.client_bridge}:
+            if not os.path.exists(f"/sys/class/net/{bridge}"):
+                raise LabError(f"the lab network's bridge {bridge} is not there")
 
-    def _endpoint(self, name: str) -> LabContainer:
+    def _start_router(self) -> None:
+        """A router between the client's and the server's networks that forgets idle connections.
+
+        Its own network namespace runs Linux conntrack in strict mode
+        (nf_conntrack_tcp_loose=0: a mid-stream packet of a forgotten flow
+        starts nothing) with the established timeout set to the idle cut;
+        FORWARD accepts packets of known flows and new SYNs, and drops the
+        rest (middlebox-drop) or answers them with a RST (middlebox-reset),
+        as a load balancer, NAT or firewall does once it forgot a flow. The
+        client's and the server's namespaces route the other network through
+        it.
+        """
+        assert self.server is not None and self.client is not None and self.scenario.idle_cut is not None
+        name = f"kaobs-lab-{self.run_id}-router"
+        docker("run", "-d", "--name", name, "--network", self.network, *labels(self.run_id),
+               "--sysctl", "net.ipv4.ip_forward=1", "--entrypoint", "sleep", self.image, str(int(self.lifetime)),
+               timeout=120)
+        docker("network", "connect", self.client_network, name, timeout=60)
+        info = json.loads(docker("inspect", name, timeout=30))[0]
+        networks = info["NetworkSettings"]["Networks"]
+        router_server_ip = networks[self.network]["IPAddress"]
+        router_client_ip = networks[self.client_network]["IPAddress"]
+        self.router = LabContainer(name, router_server_ip, int(info["State"]["Pid"]))
+        subnets = {net: json.loads(docker("network", "inspect", net, timeout=30))[0]["IPAM"]["Config"][0]["Subnet"]
+                   for net in (self.network, self.client_network)}
+        timeout = max(1, int(round(self.scenario.idle_cut)))
+        reject = (["-j", "DROP"] if self.scenario.fault == FAULT_MIDDLEBOX_DROP
+                  else ["-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"])
+        steps = [
+            (self.client, ["ip", "route", "replace", subnets[self.network], "via", router_client_ip]),
+            (self.server, ["ip", "route", "replace", subnets[self.client_network], "via", router_server_ip]),
+            (self.router, ["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0",
+                           f"net.netfilter.nf_conntrack_tcp_timeout_established={timeout}"]),
+            (self.router, ["iptables", "-w", "5", "-A", "FORWARD", "-m", "conntrack", "--ctstate",
+                           "ESTABLISHED,RELATED", "-j", "ACCEPT"]),
+            (self.router, ["iptables", "-w", "5", "-A", "FORWARD", "-p", "tcp", "--syn", "-m", "conntrack",
+                           "--ctstate", "NEW", "-j", "ACCEPT"]),
+            (self.router, ["iptables", "-w", "5", "-A", "FORWARD", *reject]),
+        ]
+        for container, command in steps:
+            done = nsenter(container, *command)
+            if done.returncode != 0:
+                raise LabError(f"cannot set up the router ({' '.join(command[:3])} in {container.name}): "
+                               f"{' '.join(done.stderr.split()) or 'exit ' + str(done.returncode)}")
+        self.fault_method = (f"router {name}: conntrack forgets connections idle {timeout} s "
+                             f"(nf_conntrack_tcp_timeout_established={timeout}, nf_conntrack_tcp_loose=0), then "
+                             + ("drops their packets" if self.scenario.fault == FAULT_MIDDLEBOX_DROP
+                                else "answers their packets with a RST"))
+        self.log(self.fault_method)
+
+    def _endpoint(self, name: str, network_name: str) -> LabContainer:
         info = json.loads(docker("inspect", name, timeout=30))[0]
         state = info["State"]
         if not state.get("Running"):
             raise LabError(f"{name} is not running: {self._last_log(name)}")
-        network = info["NetworkSettings"]["Networks"].get(self.network) or {}
+        network = info["NetworkSettings"]["Networks"].get(network_name) or {}
         return LabContainer(name, network.get("IPAddress", ""), int(state["Pid"]))
 
     def _last_log(self, name: str) -> str:
@@ -390,6 +461,15 @@ class LabEnvironment:
             raise LabError(f"cannot cut {victim.name} off: iptables: {errors[0]}; ip link: {' '.join(done.stderr.split())}")
         self.fault_method = f"eth0 down in {victim.name}'s network namespace (iptables failed: {errors[0]})"
         return self.fault_method
+
+    def heal(self, side: str) -> None:
+        """Undo `vanish`: the side's packets flow again (--fault client-returns)."""
+        victim = self.client if side == CLIENT else self.server
+        assert victim is not None
+        for chain in ("INPUT", "OUTPUT"):
+            done = nsenter(victim, "iptables", "-w", "5", "-D", chain, "-j", "DROP")
+            if done.returncode != 0:
+                raise LabError(f"cannot bring {victim.name} back: {' '.join(done.stderr.split())}")
 
     def cleanup(self) -> None:
         """Remove everything labelled with this run's id. Idempotent; never raises.

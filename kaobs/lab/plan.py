@@ -12,10 +12,14 @@ from typing import Iterable
 
 from analysis.conninfo import parse_conninfo
 from analysis.gucvalue import parse_guc_value
-from analysis.kernel_timer import TimerSettings, TimerState, abort_due
+from analysis.kernel_timer import TimerSettings, TimerState, abort_due, retransmission_timeout
 from analysis.settings import CLIENT, COUNT, ENABLED_LIBPQ, IDLE, INTERVAL, USER_TIMEOUT
 from kaobs.lab.scenario import (
+    FAULT_CLIENT_RETURNS,
     FAULT_NONE,
+    RETRIES2_DEFAULT,
+    RETRIES2_SYSCTL,
+    ROUTED_FAULTS,
     LINUX_DEFAULT_SYSCTLS,
     MAX_DURATION_S,
     Scenario,
@@ -76,9 +80,10 @@ def fault_delay(scenario: Scenario) -> float | None:
     """Seconds after the client is ready by which the fault comes even without the answered probes.
 
     Enough for `fault_after_answered` answered probes of the slowest session
-    plus half an idle; None when there is no fault.
+    plus half an idle; None when there is no fault to inject (none, or a
+    middlebox's, which is there from the start).
     """
-    if scenario.fault == FAULT_NONE:
+    if scenario.fault == FAULT_NONE or scenario.fault in ROUTED_FAULTS:
         return None
     if scenario.fault_after_s is not None:
         return scenario.fault_after_s
@@ -94,6 +99,8 @@ def expected_end(scenario: Scenario) -> float | None:
     """
     if scenario.fault == FAULT_NONE:
         return None
+    if scenario.fault in ROUTED_FAULTS:
+        return routed_end(scenario)
     delay = fault_delay(scenario) or 0.0
     ends = []
     for session in scenario.sessions:
@@ -103,7 +110,38 @@ def expected_end(scenario: Scenario) -> float | None:
         # The fault lands at most one idle after the last answered probe; from
         # then the abort comes after one idle and the probes.
         ends.append(delay + abort_after_last_answer(timers))
+    if scenario.fault == FAULT_CLIENT_RETURNS:
+        return max(ends) + RETURN_AFTER_S + 2.0  # the client comes back, speaks, and is told by a RST
     return max(ends)
+
+
+RETURN_AFTER_S = 1.0
+"""--fault client-returns: the cut heals this long after the server's abort, then the client closes its sessions."""
+
+
+def routed_end(scenario: Scenario) -> float | None:
+    """A middlebox run: when every session that does not keep busy has met the forgotten flow, and ended.
+
+    A session that idles for ever meets it with the server's first probe and
+    is aborted after the count (or reset at once); one that queries after a
+    while meets it with its query, which the client gives up on after its
+    tcp_user_timeout (or tcp_retries2). A session that keeps busy never ends:
+    None when every session does.
+    """
+    client = client_timers(scenario)
+    client_give_up = (client.user_timeout if client is not None and client.user_timeout
+                      else retransmission_timeout(int(dict(scenario.client_sysctls).get(RETRIES2_SYSCTL, RETRIES2_DEFAULT))))
+    ends = []
+    for session in scenario.sessions:
+        if session.every is not None:
+            continue
+        server = server_timers(scenario, session)
+        probed = abort_after_last_answer(server)
+        # The client's give-up is silent: only the retransmission that then never comes (at most the give-up
+        # time again later) shows it.
+        ends.append(max(probed, session.query_after + 2 * client_give_up + 1.0) if session.query_after is not None
+                    else probed)
+    return max(ends) if ends else None
 
 
 def time_bound(scenario: Scenario) -> float:
@@ -115,6 +153,8 @@ def time_bound(scenario: Scenario) -> float:
     if scenario.duration is not None:
         return scenario.duration
     end = expected_end(scenario)
+    if end is None and scenario.fault in ROUTED_FAULTS:
+        end = 3.0 * (scenario.idle_cut or 1.0)
     if end is None:
         idles = [t.idle for t in (server_timers(scenario, s) for s in scenario.sessions)]
         end = (scenario.fault_after_answered + 1) * min(idles) + 1.0

@@ -21,8 +21,10 @@ from analysis.expect import Expectations
 from analysis.model import KeepaliveModel, ModelEvent
 from analysis.settings import CLIENT
 from kaobs.lab.docker import READY_TIMEOUT_S, LabEnvironment
-from kaobs.lab.plan import fault_delay, time_bound
+from kaobs.lab.plan import RETURN_AFTER_S, fault_delay, time_bound
 from kaobs.lab.scenario import (
+    FAULT_CLIENT_RETURNS,
+    ROUTED_FAULTS,
     LabError,
     Scenario,
     session_expectations,
@@ -241,6 +243,12 @@ class LabRun:
         elif kind == "connection_lost":
             self.lost_sessions.add(session)
             self._note(kind, f"session {session}: the client's libpq reports: {record.get('error')}", **record)
+        elif kind == "query_sent":
+            self._note(kind, f"session {session} sends SELECT 1", **record)
+        elif kind == "query_done":
+            self._note(kind, f"session {session}: answered in {record.get('seconds')} s", **record)
+        elif kind == "closed":
+            self._note(kind, f"session {session} closed (Terminate, FIN)", **record)
         elif kind == "error":
             self.error = f"the lab client failed: {record.get('message')}"
             self._note("error", self.error, **record)
@@ -290,6 +298,12 @@ class LabRun:
         survivor = surviving_side(scenario.fault)
         delay = fault_delay(scenario)
         need = scenario.fault_after_answered
+        routed = scenario.fault in ROUTED_FAULTS
+        returned_at: float | None = None
+        if routed:
+            self.fault_t = time.time()
+            self._note("fault", f"FAULT: the path forgets connections idle {scenario.idle_cut:g} s "
+                                f"({self.env.fault_method})")
         while not self.stop_event.is_set():
             if client_alive:
                 client_alive = self._drain_client(0.1)
@@ -310,15 +324,45 @@ class LabRun:
                     method = self.env.vanish(vanishing_side(scenario.fault) or CLIENT)
                     self.fault_t = time.time()
                     self._note("fault", f"FAULT: the {vanishing_side(scenario.fault)} vanishes {why}: {method}")
+            if routed:
+                # Busy sessions (every:) never end; the others end when they meet the forgotten flow.
+                busy = {i for i, s in enumerate(scenario.sessions) if s.every is not None}
+                waiting = [index for index, client in connections.items()
+                           if self.sessions_by_port.get(client, -1) not in busy and index not in ended]
+                if connections and len(connections) >= sessions and not waiting and last_end_t is not None \
+                        and time.time() - last_end_t >= scenario.grace:
+                    self.end_reason = "ended"
+                    self._note("end", "every connection that idled past the cut ended")
+                    return
+                continue
             if connections and len(ended) >= len(connections) and (self.fault_t is not None or survivor is None):
                 # Every connection ended: let stragglers (retransmitted RSTs) in, then stop. When the
                 # client was the one to abort, give its libpq the time to say so too.
                 waited = time.time() - last_end_t if last_end_t is not None else 0.0
                 told = survivor != CLIENT or len(self.lost_sessions) >= sessions or waited >= LOST_REPORT_WAIT_S
+                if scenario.fault == FAULT_CLIENT_RETURNS and returned_at is None and waited >= RETURN_AFTER_S:
+                    self.env.heal(CLIENT)
+                    self._tell_client("close")
+                    returned_at = time.monotonic()
+                    self._note("fault", "the client is back (its packets flow again) and closes its sessions: "
+                                        "a Terminate and a FIN each, to a server that has aborted them")
+                    continue
+                if returned_at is not None and time.monotonic() - returned_at < RETURN_AFTER_S + 1.0:
+                    continue  # the client's Terminate, the server's RST
                 if waited >= scenario.grace and told:
                     self.end_reason = "ended"
                     self._note("end", "every connection ended")
                     return
+
+    def _tell_client(self, command: str) -> None:
+        """A line on the lab client's stdin (`close`: close every session, as an application would)."""
+        client = self._client
+        if client is not None and client.stdin is not None:
+            try:
+                client.stdin.write(command + "\n")
+                client.stdin.flush()
+            except OSError:
+                pass
 
 
 def run_plain(lab: LabRun, consume: Callable[[Record], None] | None = None) -> None:

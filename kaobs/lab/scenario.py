@@ -23,33 +23,27 @@ from analysis.settings import (
     GUC_NAMES,
     LIBPQ_KEYWORDS,
     NAMESPACE_DEFAULTS,
+    RETRIES2_DEFAULT,
+    RETRIES2_SYSCTL,
     SERVER,
     SYSCTL_NAMES,
+    USER_TIMEOUT,
     ExpectationError,
 )
 
 FAULT_CLIENT_VANISHES = "client-vanishes"
-
-
 FAULT_SERVER_VANISHES = "server-vanishes"
-
-
 FAULT_NONE = "none"
-
-
-FAULTS = (FAULT_CLIENT_VANISHES, FAULT_SERVER_VANISHES, FAULT_NONE)
-
-
-
-
+FAULT_MIDDLEBOX_DROP = "middlebox-drop"
+FAULT_MIDDLEBOX_RESET = "middlebox-reset"
+FAULT_CLIENT_RETURNS = "client-returns"
+ROUTED_FAULTS = (FAULT_MIDDLEBOX_DROP, FAULT_MIDDLEBOX_RESET)
+"""Faults of a router between the client's and the server's networks, which forgets connections idle `idle_cut` s."""
+FAULTS = (FAULT_CLIENT_VANISHES, FAULT_SERVER_VANISHES, FAULT_NONE, *ROUTED_FAULTS, FAULT_CLIENT_RETURNS)
+IDLE_CUT_RANGE = (2.0, 120.0)
+"""The router's idle timeout in a lab run: long enough to be told from timer noise, short enough for a bounded run."""
 SEED_SERVER_SETTINGS = (("tcp_keepalives_idle", "3"), ("tcp_keepalives_interval", "2"), ("tcp_keepalives_count", "3"))
-
-
-
-
-
-
-LINUX_DEFAULT_SYSCTLS = {s.sysctl: s.linux_default for s in NAMESPACE_DEFAULTS}
+LINUX_DEFAULT_SYSCTLS = {**{s.sysctl: s.linux_default for s in NAMESPACE_DEFAULTS}, RETRIES2_SYSCTL: RETRIES2_DEFAULT}
 """A new network namespace starts with these, whatever the host says."""
 
 
@@ -74,6 +68,10 @@ class Session:
     options: tuple[tuple[str, str], ...] = ()
     sets: tuple[tuple[str, str], ...] = ()
     stop_reading: bool = False
+    every: float | None = None
+    """Query (SELECT 1) this often: a busy connection, whose silences never reach a middlebox's idle cut."""
+    query_after: float | None = None
+    """Query once, this long after the client is ready: a connection that idled, then speaks again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +85,9 @@ class Scenario:
     ready (the fault comes then even if fewer probes were answered).
     `duration`: the longest the run may last after the client is ready; None
     lets `time_bound` compute it from the settings. `grace`: how long the
-    capture goes on after the last connection ended.
+    capture goes on after the last connection ended. `idle_cut`: with a
+    routed fault, the router's conntrack forgets a connection idle this long
+    (seconds), then drops or rejects (RST) its packets.
     """
 
     server_settings: tuple[tuple[str, str], ...] = SEED_SERVER_SETTINGS
@@ -101,6 +101,7 @@ class Scenario:
     duration: float | None = None
     grace: float = 1.0
     port: int = 5432
+    idle_cut: float | None = None
 
     def __post_init__(self) -> None:
         validate(self)
@@ -121,6 +122,18 @@ def validate(scenario: Scenario) -> None:
         raise LabError(f"duration must be in (0, {MAX_DURATION_S:g}] seconds")
     if not 1 <= scenario.port <= 65535:
         raise LabError(f"port out of range: {scenario.port}")
+    if scenario.fault in ROUTED_FAULTS:
+        low, high = IDLE_CUT_RANGE
+        if scenario.idle_cut is None or not low <= scenario.idle_cut <= high:
+            raise LabError(f"--fault {scenario.fault} needs --idle-cut SECONDS in {low:g}..{high:g} (the router's "
+                           "conntrack timeout for established connections)")
+    elif scenario.idle_cut is not None:
+        raise LabError("--idle-cut goes with --fault middlebox-drop or middlebox-reset (a router that forgets idle "
+                       "connections)")
+    for session in scenario.sessions:
+        for name, value in (("every", session.every), ("query-after", session.query_after)):
+            if value is not None and not 0.2 <= value <= MAX_DURATION_S:
+                raise LabError(f"session {name}:{value:g}: must be in 0.2..{MAX_DURATION_S:g} seconds")
     for name, value in scenario.server_settings:
         _check_guc(name, value, "server setting")
     for session in scenario.sessions:
@@ -129,7 +142,7 @@ def validate(scenario: Scenario) -> None:
     for name, value in scenario.server_sysctls + scenario.client_sysctls:
         if name not in SYSCTL_NAMES:
             raise LabError(f"sysctl {name}: only {', '.join(SYSCTL_NAMES)} are set on the lab's containers")
-        if not isinstance(value, int) or value < (0 if name.endswith("probes") else 1):
+        if not isinstance(value, int) or value < (0 if name.endswith(("probes", "retries2")) else 1):
             raise LabError(f"sysctl {name}={value}: not a valid value")
     for keyword, _ in scenario.client_params:
         if keyword not in LIBPQ_KEYWORDS:
@@ -205,11 +218,28 @@ def sysctl_items(server: dict[str, int], client: dict[str, int]) -> list[str]:
 
 
 def vanishing_side(fault: str) -> str | None:
-    return {FAULT_CLIENT_VANISHES: CLIENT, FAULT_SERVER_VANISHES: SERVER}.get(fault)
+    return {FAULT_CLIENT_VANISHES: CLIENT, FAULT_SERVER_VANISHES: SERVER, FAULT_CLIENT_RETURNS: CLIENT}.get(fault)
 
 
 def surviving_side(fault: str) -> str | None:
-    return {FAULT_CLIENT_VANISHES: SERVER, FAULT_SERVER_VANISHES: CLIENT}.get(fault)
+    return {FAULT_CLIENT_VANISHES: SERVER, FAULT_SERVER_VANISHES: CLIENT, FAULT_CLIENT_RETURNS: SERVER}.get(fault)
+
+
+def routed_defaults(idle_cut: float) -> tuple[tuple[tuple[str, str], ...], tuple[Session, ...], tuple[tuple[str, str], ...]]:
+    """What a middlebox run does unless told otherwise: (server GUCs, sessions, client libpq parameters).
+
+    The server probes only after 1.5 idle cuts (as with the kernel's 7200 s
+    behind a 350 s load balancer): too late. Three sessions: one queries
+    every 0.6 idle cut (its silences never reach the cut: it survives), one
+    idles past the cut and then queries (its data meets the forgotten flow),
+    one idles for ever (the server's probes meet it). The client gives up on
+    unacknowledged data after 5 s (libpq tcp_user_timeout), not after the
+    kernel's 15 minutes.
+    """
+    gucs = (("tcp_keepalives_idle", str(int(round(idle_cut * 1.5)))), ("tcp_keepalives_interval", "1"),
+            ("tcp_keepalives_count", "3"))
+    sessions = (Session(every=round(idle_cut * 0.6, 3)), Session(query_after=round(idle_cut + 2.0, 3)), Session())
+    return gucs, sessions, (("tcp_user_timeout", "5000"),)
 
 
 def session_expectations(
@@ -261,7 +291,7 @@ def _lab_sources(side: SideExpectation) -> SideExpectation:
 FAULT_STOPS_READING = "client-stops-reading"
 
 
-LAB_FAULTS = (*FAULTS[:2], FAULT_STOPS_READING, FAULT_NONE)
+LAB_FAULTS = (*FAULTS[:2], FAULT_STOPS_READING, FAULT_NONE, *ROUTED_FAULTS, FAULT_CLIENT_RETURNS)
 
 
 def _sysctl_pair(item: str, what: str) -> tuple[str, int]:
@@ -280,7 +310,8 @@ def parse_session(text: str) -> Session:
     ``set:`` (the default) sends ``SET NAME = VALUE`` after connecting;
     ``options:`` puts ``-c NAME=VALUE`` into libpq's ``options`` (applied at
     connection start). ``stop-reading`` makes the session ask for a large
-    result and never read it.
+    result and never read it; ``every:S`` makes it query every S seconds,
+    ``query-after:S`` once, S seconds after the client is ready.
     """
     text = text.strip()
     if text in ("", "default"):
@@ -288,6 +319,7 @@ def parse_session(text: str) -> Session:
     options: list[tuple[str, str]] = []
     sets: list[tuple[str, str]] = []
     stop_reading = False
+    every = query_after = None
     for raw in text.split(","):
         item = raw.strip()
         if not item:
@@ -296,15 +328,26 @@ def parse_session(text: str) -> Session:
             stop_reading = True
             continue
         kind, colon, rest = item.partition(":")
+        if colon and kind in ("every", "query-after"):
+            try:
+                seconds = float(rest)
+            except ValueError:
+                raise LabError(f"--session {text!r}: {kind}: takes seconds, e.g. {kind}:5") from None
+            if kind == "every":
+                every = seconds
+            else:
+                query_after = seconds
+            continue
         if colon and kind in ("set", "options"):
             target = sets if kind == "set" else options
             item = rest
         elif colon and "=" not in kind:
-            raise LabError(f"--session {text!r}: unknown prefix {kind!r} (use set: or options:)")
+            raise LabError(f"--session {text!r}: unknown prefix {kind!r} (use set:, options:, every: or query-after:)")
         else:
             target = sets
         target.append(parse_assignment(item, "--session"))
-    return Session(options=tuple(options), sets=tuple(sets), stop_reading=stop_reading)
+    return Session(options=tuple(options), sets=tuple(sets), stop_reading=stop_reading, every=every,
+                   query_after=query_after)
 
 
 def scenario_from_options(
@@ -323,13 +366,20 @@ def scenario_from_options(
     fault_after: float | None,
     duration: float | None,
     port: int,
+    idle_cut: float | None = None,
 ) -> Scenario:
-    """The scenario the options describe (pure; LabError with one line for bad input)."""
+    """The scenario the options describe (pure; LabError with one line for bad input).
+
+    The server's keepalive GUCs not given are the seed's (3/2/3), or, with a
+    middlebox fault, `routed_defaults`; so are the sessions and the client's
+    tcp_user_timeout there.
+    """
+    routed = fault in ROUTED_FAULTS and idle_cut is not None
+    gucs, routed_sessions, routed_libpq = routed_defaults(idle_cut) if routed else (SEED_SERVER_SETTINGS, (), ())
     server: dict[str, str] = {}
-    for name, value in (("tcp_keepalives_idle", idle), ("tcp_keepalives_interval", interval),
-                        ("tcp_keepalives_count", count), ("tcp_user_timeout", user_timeout)):
-        if value is not None:
-            server[name] = value
+    for (name, default), value in zip(gucs + ((USER_TIMEOUT.guc, None),), (idle, interval, count, user_timeout)):
+        if value is not None or default is not None:
+            server[name] = value if value is not None else default
     for item in settings:
         name, value = parse_assignment(item, "-c")
         server[name.lower() if name.lower().startswith("tcp_") else name] = value
@@ -339,7 +389,9 @@ def scenario_from_options(
         if keyword not in LIBPQ_KEYWORDS:
             raise LabError(f"--libpq {item}: the lab sets only the client's {', '.join(LIBPQ_KEYWORDS)}")
         params[keyword] = value
-    session_list = [parse_session(text) for text in sessions] or [Session()]
+    for keyword, value in routed_libpq:
+        params.setdefault(keyword, value)
+    session_list = [parse_session(text) for text in sessions] or list(routed_sessions) or [Session()]
     real_fault = fault
     if fault == FAULT_STOPS_READING:
         real_fault = FAULT_NONE
@@ -355,4 +407,5 @@ def scenario_from_options(
         fault_after_s=fault_after,
         duration=duration,
         port=port,
+        idle_cut=idle_cut,
     )
