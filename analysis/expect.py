@@ -29,6 +29,7 @@ from analysis.kernel_timer import TimerSettings
 from analysis.settings import (
     CLIENT,
     NAMESPACE_DEFAULTS,
+    RETRIES2_DEFAULT,
     SERVER,
     SETTINGS,
     USER_TIMEOUT,
@@ -85,6 +86,8 @@ class SideExpectation:
     count: Setting
     user_timeout: Setting
     enabled_source: str = ""
+    retries2: int = RETRIES2_DEFAULT
+    """net.ipv4.tcp_retries2 of the side's namespace: what bounds a stall when no user timeout is set."""
 
     def judged(self) -> bool:
         """Is there anything to judge on this side at all?"""
@@ -99,7 +102,7 @@ class SideExpectation:
         """The numbers the kernel timer runs on (None where not judged)."""
         count = self.count.value
         return TimerSettings(self.enabled, _seconds(self.idle.value), _seconds(self.interval.value),
-                             None if count is None else int(count), _seconds(self.user_timeout.value))
+                             None if count is None else int(count), _seconds(self.user_timeout.value), self.retries2)
 
 
 def _seconds(value: float | int | None) -> float | None:
@@ -148,7 +151,7 @@ def _server_side(expect: Sequence[str], kernel: KernelDefaults) -> SideExpectati
             settings[setting.key] = Setting(number, item, "--expect")
     return SideExpectation(
         SERVER, True, settings["idle"], settings["interval"], settings["count"], settings["user_timeout"],
-        "Postgres turns SO_KEEPALIVE on for every TCP connection",
+        "Postgres turns SO_KEEPALIVE on for every TCP connection", kernel.retries2,
     )
 
 
@@ -205,7 +208,7 @@ def _client_side(dsn: str, kernel: KernelDefaults) -> SideExpectation:
     enabled_source = ("libpq default keepalives=1" if keepalives is None
                       else f"keepalives={keepalives.strip(C_SPACE)} (client DSN)")
     return SideExpectation(CLIENT, True, settings["idle"], settings["interval"], settings["count"],
-                           settings["user_timeout"], enabled_source)
+                           settings["user_timeout"], enabled_source, kernel.retries2)
 
 
 def build_expectations(

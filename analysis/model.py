@@ -380,7 +380,9 @@ class KeepaliveModel:
     16-64 bytes, see `Tombstones`). A later segment on that
     4-tuple takes it back from the store first, so the result is exactly what
     a model that kept everything would have recorded. `connections` then holds
-    the live connections only, in index order; `opened` counts them all.
+    the live connections only, in index order; `opened` counts them all;
+    `on_retire` sees each connection as it leaves (what must be known of all
+    of them before judging: `analysis.path.PathSummary`).
     """
 
     def __init__(
@@ -389,8 +391,10 @@ class KeepaliveModel:
         on_event: Callable[[ModelEvent], None] | None = None,
         retired: RetiredStore | None = None,
         linger: float = 5.0,
+        on_retire: Callable[[Connection], None] | None = None,
     ) -> None:
         self.server_ports = frozenset(server_ports)
+        self.on_retire = on_retire
         self.on_event = on_event
         self.connections: list[Connection] = []
         self.opened = 0
@@ -739,7 +743,9 @@ class KeepaliveModel:
             route = routes.get((s.address, s.port, c.address, c.port))
             owns = route is not None and route[0] is conn
             if (t - conn.end <= self.linger or (owns and conn.end_reason == "open")
-                    or s.pending_first is not None or c.pending_first is not None):
+                    or s.pending_first is not None or c.pending_first is not None
+                    or s.stall is not None or c.stall is not None  # the peer answering elsewhere later
+                    or ((s.series_unanswered or c.series_unanswered) and not conn.over)):  # is path evidence
                 keep.append(conn)
                 continue
             retired_any = True
@@ -750,6 +756,8 @@ class KeepaliveModel:
                 self._tombstones.add(hash((s.address, s.port, c.address, c.port)), conn.index)
             if self._retired_last_t is None or conn.end > self._retired_last_t:
                 self._retired_last_t = conn.end
+            if self.on_retire is not None:
+                self.on_retire(conn)
             self.retired.put(conn)
         if retired_any:
             self.connections = keep

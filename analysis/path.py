@@ -25,6 +25,8 @@ from analysis.settings import CLIENT, SERVER
 
 DROP = "drop"
 RESET = "reset"
+BOTH = "both"
+"""A `PathCut.far` for a connection the path forgot: neither side's packets reach the capture point after it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +58,9 @@ class PathCut:
 
     `kind` "reset" (a middlebox's RST) or "drop" (packets not carried); `t`
     the RST, or the first packet the path did not carry; `far` the side
-    whose packets no longer reach this capture point after `t`; `idle_before`
-    how long the connection had been silent before that packet.
+    whose packets no longer reach this capture point after `t` (`BOTH` when
+    the cut is inferred); `idle_before` how long the connection had been
+    silent before that packet.
     """
 
     kind: str
@@ -65,6 +68,8 @@ class PathCut:
     evidence: str
     far: str
     idle_before: float | None
+    inferred: bool = False
+    """No packet shows it: the connection stayed silent longer than the path keeps connections (`forgets_after`)."""
 
 
 def _other(role: str) -> str:
@@ -173,7 +178,7 @@ class PathSummary:
         pair.connections += 1
         if conn.longest_idle_survived > pair.survived:
             pair.survived, pair.survived_by = conn.longest_idle_survived, conn.index
-        if cut is not None:
+        if cut is not None and not cut.inferred:  # an inferred cut is drawn from this summary: no evidence of its own
             pair.cuts += 1
             if cut.idle_before is not None and (pair.died is None or cut.idle_before < pair.died):
                 pair.died, pair.died_by = cut.idle_before, conn.index
@@ -194,6 +199,13 @@ class PathSummary:
         matches = [f"{box.name} {_seconds(box.seconds)}" for box in MIDDLEBOXES
                    if lower < box.seconds <= upper * 1.02 + 1.0]
         return IdleCut(round(lower, 3), round(upper, 3), evidence, matches, hosts)
+
+    def forgets_after(self, client: str, server: str) -> tuple[float, int] | None:
+        """For a host pair whose cuts fit one idle timeout: the longest idle the path is known to cut, and where."""
+        pair = self.pairs.get((client, server))
+        if pair is None or pair.died is None or pair.died_by is None or pair.survived >= pair.died:
+            return None
+        return pair.died, pair.died_by
 
     def warnings(self) -> list[str]:
         """What does not fit one idle timeout (several middleboxes, or a cut that is not about idleness)."""
@@ -231,4 +243,4 @@ def _seconds(value: float) -> str:
     if value >= 3600 and value % 60 == 0:
         hours, minutes = divmod(int(value) // 60, 60)
         return f"{hours} h" + (f" {minutes} min" if minutes else "") if value < 86400 else f"{value / 86400:g} days"
-    return f"{value:g} s" if value >= 10 else f"{value:.1f} s"
+    return f"{round(value):d} s" if value >= 100 else f"{value:.1f} s"

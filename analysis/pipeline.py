@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from analysis.expect import Expectations
 from analysis.model import Connection, KeepaliveModel, ModelEvent, RetiredStore
+from analysis.path import PathSummary, path_cut
 from analysis.tolerance import DEFAULT_HZ
 from analysis.verdict import VERDICTS, ConnectionReport, judge_connection
 from sniffer.records import Record, TcpSegment
@@ -48,9 +49,15 @@ class Analysis:
 
     def __init__(self, ports: Iterable[int] = (5432,), *, retired: RetiredStore | None = None,
                  on_event: Callable[[ModelEvent], None] | None = None, hz: int = DEFAULT_HZ) -> None:
-        self.model = KeepaliveModel(ports, on_event=on_event, retired=retired)
+        self.path = PathSummary()
+        """The path across connections (the idle cut), gathered before any is judged: the verdicts need it."""
+        self.model = KeepaliveModel(ports, on_event=on_event, retired=retired, on_retire=self._note_path)
         self.retired = retired
         self.hz = hz
+        self._live_noted = False
+
+    def _note_path(self, conn: Connection) -> None:
+        self.path.add(conn, path_cut(conn, conn.start))
 
     def feed(self, records: Iterable[Record]) -> None:
         self.model.feed_records(records)
@@ -81,17 +88,28 @@ class Analysis:
     def reports(self, expectations: Expectations | None, capture_end: float | None = None,
                 idle_cut: float | None = None) -> Iterator[ConnectionReport]:
         """Each connection judged as of `capture_end` (default: the end of the capture), one at a time."""
+        if not self._live_noted:  # the retired ones were noted as they left
+            self._live_noted = True
+            for conn in self.model.connections:
+                self._note_path(conn)
         return judge_in_order(self.connections(), expectations,
-                              self.capture_end if capture_end is None else capture_end, self.hz, idle_cut)
+                              self.capture_end if capture_end is None else capture_end, self.hz, idle_cut, self.path)
 
 
 def judge_in_order(connections: Iterable[Connection], expectations: Expectations | None, capture_end: float,
-                   hz: int = DEFAULT_HZ, idle_cut: float | None = None) -> Iterator[ConnectionReport]:
-    """Judge connections one at a time against the expectations of both sides (and a known idle cut of the path)."""
+                   hz: int = DEFAULT_HZ, idle_cut: float | None = None,
+                   path: PathSummary | None = None) -> Iterator[ConnectionReport]:
+    """Judge connections one at a time against the expectations of both sides.
+
+    `idle_cut` is an idle timeout of the path the user knows of; `path` what
+    the capture shows of it across connections (a connection silent longer
+    than the path keeps connections is not seen beyond that).
+    """
     server = expectations.server if expectations is not None else None
     client = expectations.client if expectations is not None else None
     for conn in connections:
-        yield judge_connection(conn, server, client, capture_end, hz, idle_cut)
+        forgets = path.forgets_after(conn.client.address, conn.server.address) if path is not None else None
+        yield judge_connection(conn, server, client, capture_end, hz, idle_cut, forgets)
 
 
 def tally(reports: Iterable[ConnectionReport]) -> dict[str, int]:

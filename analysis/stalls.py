@@ -102,13 +102,12 @@ def judge_stall(stall: Stall, owner: Endpoint, settings: TimerSettings | None, c
     due = _next_due(timer_resends, rto)
     outcome = stall.outcome
     between = None
-    user_timeout = settings.user_timeout if settings is not None else None
     if outcome == "open" and due is not None:
-        clamp = stamp + user_timeout if stamp is not None and user_timeout else None
-        deadline = min(due, clamp) if clamp is not None and clamp > timer_resends[-1] else due
-        if capture_end > deadline + timer_tolerance(max(deadline - timer_resends[-1], 0.001), hz).late:
+        # Told from the wire alone, whatever the settings: the next resend was due (twice the last timeout)
+        # and did not come. A tcp_user_timeout may have ended it sooner: that is for the judging to say.
+        if capture_end > due + timer_tolerance(max(due - timer_resends[-1], 0.001), hz).late:
             outcome = GAVE_UP
-            between = (timer_resends[-1], deadline)
+            between = (timer_resends[-1], due)
     give_up = _predicted(stall, owner, settings, stamp, rto, outcome)
     report = StallReport(stall, len(stall.resends), outcome, stamp, rto, due, between, give_up, None, None)
     if between is not None:

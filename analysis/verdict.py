@@ -24,7 +24,7 @@ from analysis.kernel_timer import (
     next_tick,
 )
 from analysis.model import AfterEnd, Connection, Endpoint, KeepaliveProbe
-from analysis.path import PathCut, path_cut
+from analysis.path import BOTH, DROP, PathCut, path_cut
 from analysis.prober import Abort, Observed, ProberProbe, observe, prober_view
 from analysis.stalls import GAVE_UP, StallReport, judge_stalls
 from analysis.settings import (
@@ -292,7 +292,7 @@ def judge_side(
     settings = expectation.timer_settings() if expectation is not None else TimerSettings()
     view = prober_view(endpoint, settings, hz)
     observed, abort = observe(view, endpoint, settings)
-    hidden = cut is not None and cut.far == role and cut.t < capture_end
+    hidden = cut is not None and cut.far in (role, BOTH) and cut.t < capture_end
     end = cut.t if hidden else capture_end
     checks = simulate(view, endpoint, peer, settings, end, hz, conn.start) if expectation is not None else []
     stalls = stalls if stalls is not None else judge_stalls(endpoint, settings if expectation is not None else None,
@@ -312,8 +312,9 @@ def judge_side(
         stalls=stalls,
     )
     if expectation is not None:
-        unseen = (f"not seen here after +{cut.t - conn.start:.3f} s: the path cut the connection "
-                  f"({cut.kind})") if hidden and cut is not None else None
+        unseen = (f"not seen here after +{cut.t - conn.start:.3f} s: the path cut the connection ({cut.kind})"
+                  if not cut.inferred else f"not seen here after +{cut.t - conn.start:.3f} s: the path forgets "
+                  f"connections idle that long") if hidden and cut is not None else None
         report.findings = _findings(role, expectation, settings, observed, abort, checks, unseen)
     return report
 
@@ -400,8 +401,15 @@ def judge_connection(
     capture_end: float,
     hz: int = DEFAULT_HZ,
     idle_cut: float | None = None,
+    forgets_after: tuple[float, int] | None = None,
 ) -> ConnectionReport:
-    """Both sides judged, the stalls first: whether the path cut the connection decides what each side is judged on."""
+    """Both sides judged, the stalls first: whether the path cut the connection decides what each side is judged on.
+
+    `forgets_after` is what other connections of the same hosts showed: the
+    path cut one after that much idle (and which). A connection silent that
+    long is not seen by this capture point afterwards, in either direction:
+    a probe missing then says nothing of the settings.
+    """
     expectations = {role: side if side is not None and side.judged() else None
                     for role, side in ((SERVER, server), (CLIENT, client))}
     stalls = {role: judge_stalls(conn.side(role), expectation.timer_settings() if expectation is not None else None,
@@ -409,6 +417,13 @@ def judge_connection(
               for role, expectation in expectations.items()}
     outcomes = {id(report.stall): report.outcome for reports in stalls.values() for report in reports}
     cut = path_cut(conn, conn.start, outcomes)
+    if cut is None and forgets_after is not None:
+        idle, index = forgets_after
+        if conn.end_reason == "open" and capture_end - conn.end > idle:
+            # Silent to the end for longer than the path keeps a connection: forgotten, in both directions.
+            cut = PathCut(DROP, conn.end + idle, f"silent from +{conn.end - conn.start:.3f} s to the end of the "
+                          f"capture, longer than the {idle:.1f} s after which the path cut connection #{index}: the "
+                          "path has forgotten it", BOTH, idle, inferred=True)
     server_report, client_report = (
         judge_side(conn, role, expectations[role], capture_end, hz, stalls=stalls[role], cut=cut, idle_cut=idle_cut)
         for role in (SERVER, CLIENT))

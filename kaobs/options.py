@@ -35,7 +35,7 @@ def expectation_options(function):
                      help="The client's libpq connection string (key=value or URI); only keepalive parameters are "
                           "used, the password is never printed."),
         click.option("--sysctl", "sysctls", multiple=True, metavar="[server:|client:]NAME=N",
-                     help="Kernel defaults used where a setting is 0 or unset, e.g. net.ipv4.tcp_keepalive_time=600."),
+                     help="Kernel defaults used where a setting is 0 or unset, e.g. net.ipv4.tcp_keepalive_time=600; net.ipv4.tcp_retries2=N bounds a stall with data in flight."),
         click.option("--port", "ports", multiple=True, type=click.IntRange(1, 65535), default=(5432,), show_default=True,
                      help="Server port; says which side is the server. Repeatable."),
         click.option("--hz", type=click.Choice(["100", "250", "300", "1000"]), default="250", show_default=True,

@@ -141,7 +141,7 @@ def _with_postgres(out: dict[str, Any], report: ConnectionReport, postgres: Post
     out["postgres"] = None if info is None else info.to_json()
     cut = report.path_cut
     out["path_cut"] = None if cut is None else {"kind": cut.kind, "t": cut.t, "evidence": cut.evidence, "far": cut.far,
-                                                "idle_before": cut.idle_before}
+                                                "idle_before": cut.idle_before, "inferred": cut.inferred}
     after = report.after_end
     out["after_end"] = None if after is None else {"side": after.side, "t": after.t, "frame": after.frame,
                                                    "what": after.what, "told_t": after.told_t,
@@ -370,7 +370,8 @@ def path_events(report: ConnectionReport) -> list[tuple[float, str]]:
     cut = report.path_cut
     if cut is not None:
         idle = f" after {cut.idle_before:.1f} s idle" if cut.idle_before is not None else ""
-        events.append((cut.t, f"PATH {cut.kind.upper()}{idle}: {cut.evidence}"))
+        inferred = " (inferred)" if cut.inferred else ""
+        events.append((cut.t, f"PATH {cut.kind.upper()}{inferred}{idle}: {cut.evidence}"))
     after = report.after_end
     if after is not None:
         ended = report.connection.end

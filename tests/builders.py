@@ -19,6 +19,8 @@ class Peer:
     port: int
     next_seq: int
     window: int = 502
+    ttl: int = 64
+    ip_id: int = 100
 
 
 @dataclass
@@ -31,8 +33,10 @@ class Conversation:
     def _side(self, side: str) -> tuple[Peer, Peer]:
         return (self.server, self.client) if side == "server" else (self.client, self.server)
 
-    def _emit(self, side: str, t: float, flags: int, seq: int, payload_len: int = 0, window: int | None = None) -> TcpSegment:
+    def _emit(self, side: str, t: float, flags: int, seq: int, payload_len: int = 0, window: int | None = None,
+              ttl: int | None = None, ip_id: int | None = None, ack: int | None = None) -> TcpSegment:
         me, peer = self._side(side)
+        me.ip_id += 1
         segment = TcpSegment(
             frame=len(self.segments) + 1,
             t=self.t0 + t,
@@ -41,10 +45,12 @@ class Conversation:
             dst=peer.address,
             dport=peer.port,
             seq=seq % MOD,
-            ack=peer.next_seq % MOD if flags & ACK else 0,
+            ack=(peer.next_seq if ack is None else ack) % MOD if flags & ACK else 0,
             flags=flags,
             window=me.window if window is None else window,
             payload_len=payload_len,
+            ttl=me.ttl if ttl is None else ttl,
+            ip_id=me.ip_id if ip_id is None else ip_id,
         )
         self.segments.append(segment)
         return segment
@@ -63,9 +69,10 @@ class Conversation:
         me.next_seq += length
         return self
 
-    def ack(self, side: str, t: float) -> "Conversation":
+    def ack(self, side: str, t: float, upto: int | None = None) -> "Conversation":
+        """A pure ACK of everything the peer sent, or of its bytes before sequence number `upto`."""
         me, _ = self._side(side)
-        self._emit(side, t, ACK, me.next_seq)
+        self._emit(side, t, ACK, me.next_seq, ack=upto)
         return self
 
     def exchange(self, t: float) -> "Conversation":
@@ -100,6 +107,18 @@ class Conversation:
     def send_unacked(self, side: str, t: float, length: int) -> "Conversation":
         """Data the peer will not acknowledge (it stays in flight)."""
         return self.data(side, t, length)
+
+    def resend(self, side: str, t: float, length: int) -> "Conversation":
+        """The last `length` bytes the side sent, sent again (a retransmission, or a tail-loss probe)."""
+        me, _ = self._side(side)
+        self._emit(side, t, ACK | PSH, me.next_seq - length, length)
+        return self
+
+    def rst_from_path(self, side: str, t: float, ttl: int = 64) -> "Conversation":
+        """A RST in `side`'s name made by a middlebox: its own TTL, IP ID 0."""
+        me, _ = self._side(side)
+        self._emit(side, t, RST | ACK, me.next_seq, ttl=ttl, ip_id=0)
+        return self
 
 
 def judge_all(model, expectations, capture_end=None, hz=250):

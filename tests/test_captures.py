@@ -127,7 +127,7 @@ def test_manifest_entry_is_complete(entry):
         assert len([k for k in check if k in OPS]) == 1, check
     if entry["how"].get("scenario"):
         assert entry["how"]["capture_seconds"] <= 40, "recordings stay short"
-        assert entry["how"]["scenario"] in {"client_vanishes", "healthy", "stop_reading"}
+        assert entry["how"]["scenario"] in {"client_vanishes", "healthy", "stop_reading", "middlebox", "client_returns"}
 
 
 def test_issue_scenarios_are_all_present():
@@ -218,7 +218,7 @@ def test_rerecorded_captures_show_what_the_manifest_says(tmp_path, capsys):
     entries = recorder.recordable(ENTRIES)
     assert len(entries) >= 8
     recorded = recorder.record_all(entries, tmp_path, jobs=2)
-    assert [r.file for r in recorded] == [e["file"] for e in entries]
+    assert recorded and all((tmp_path / e["file"]).exists() for e in entries)  # a pair is recorded in one run
     problems = []
     for entry in entries:
         path = tmp_path / entry["file"]
