@@ -68,7 +68,9 @@ from kaobs.lab.docker import (  # noqa: E402
     nsenter,
 )
 from kaobs.lab.scenario import (  # noqa: E402
+    FAULT_CLIENT_RETURNS,
     FAULT_CLIENT_VANISHES,
+    FAULT_MIDDLEBOX_DROP,
     FAULT_NONE,
     LabError,
     Scenario,
@@ -79,7 +81,9 @@ from sniffer.pcapwrite import strip_payloads  # noqa: E402
 MANIFEST = HERE / "manifest.json"
 SNAPLEN = 128  # tcpdump's cut; each record is then cut at the end of its TCP header
 STEP_TIMEOUT = 30
-SCENARIOS = ("client_vanishes", "healthy", "stop_reading")
+SCENARIOS = ("client_vanishes", "healthy", "stop_reading", "middlebox", "client_returns")
+SIDE_BRIDGE = {"server": "bridge", "client": "client_bridge"}
+"""With a router (middlebox), which lab bridge a side's capture is taken on."""
 
 
 class RecordError(RuntimeError):
@@ -109,16 +113,20 @@ def scenario_of(entry: dict[str, Any]) -> Scenario:
         return tuple((name, str(value)) for name, value in mapping.items())
 
     sessions = tuple(
-        Session(options=pairs(s.get("options", {})), sets=pairs(s.get("sets", {})), stop_reading=bool(s.get("stop_reading")))
+        Session(options=pairs(s.get("options", {})), sets=pairs(s.get("sets", {})), stop_reading=bool(s.get("stop_reading")),
+                every=s.get("every"), query_after=s.get("query_after"))
         for s in client["sessions"])
+    fault = {"client_vanishes": FAULT_CLIENT_VANISHES, "client_returns": FAULT_CLIENT_RETURNS,
+             "middlebox": how.get("fault", FAULT_MIDDLEBOX_DROP)}.get(how["scenario"], FAULT_NONE)
     return Scenario(
         server_settings=pairs(server.get("gucs", {})),
         server_sysctls=tuple((k, int(v)) for k, v in server.get("sysctls", {}).items()),
         client_sysctls=tuple((k, int(v)) for k, v in client.get("sysctls", {}).items()),
         client_params=pairs(client.get("libpq", {})),
         sessions=sessions,
-        fault=FAULT_CLIENT_VANISHES if how["scenario"] == "client_vanishes" else FAULT_NONE,
+        fault=fault,
         duration=float(how["capture_seconds"]),
+        idle_cut=how.get("idle_cut"),
     )
 
 
@@ -316,22 +324,34 @@ def stop_client(client: subprocess.Popen) -> None:
         client.wait(timeout=5)
 
 
-def record_entry(entry: dict[str, Any], out_dir: Path) -> Recorded:
-    """Make one capture of the manifest again, into out_dir/entry["file"]."""
+def record_entry(entry: dict[str, Any], out_dir: Path, companions: dict[str, dict[str, Any]] | None = None) -> Recorded:
+    """Make one capture of the manifest again, into out_dir/entry["file"].
+
+    An entry whose ``how.also`` names another entry (the same experiment
+    captured on the other side of the router) is recorded in the same run,
+    with one tcpdump on each side: `companions` maps file names to entries.
+    """
     how = entry["how"]
     scenario = scenario_of(entry)
     began = time.monotonic()
     capture_seconds = float(how["capture_seconds"])
     hold = how.get("hold")
+    also = (companions or {}).get(how.get("also", ""))
     with tempfile.TemporaryDirectory(prefix="kaobs-rec-") as tmp, \
             LabEnvironment(scenario, image(), run_id=f"capt-{secrets.token_hex(4)}", lifetime=capture_seconds + 120) as env:
         assert env.server is not None
         bridge, server_ip = env.bridge, env.server.ip
+        if how.get("side") in SIDE_BRIDGE:
+            bridge = getattr(env, SIDE_BRIDGE[how["side"]])
         if int(how.get("family", 4)) == 6:
             bridge, server_ip = join_ipv6_network(env)
             env.server.ip = server_ip  # the lab client connects to this address
         raw = Path(tmp) / "raw.pcap"
         dump = Tcpdump("any" if how.get("interface") == "any" else bridge, server_ip, scenario.port, raw)
+        other = None
+        if also is not None:
+            other_raw = Path(tmp) / "other.pcap"
+            other = Tcpdump(getattr(env, SIDE_BRIDGE[also["how"]["side"]]), server_ip, scenario.port, other_raw)
         client = None
         try:
             # The client idles `hold` seconds, then drops its sockets (FIN; RST with unread data);
@@ -345,15 +365,28 @@ def record_entry(entry: dict[str, Any], out_dir: Path) -> Recorded:
                 env.vanish(CLIENT)
                 if int(how.get("family", 4)) == 6:
                     cut_off_ipv6(env)
+            returns = how.get("return_after")
+            if returns is not None:
+                # The cut heals; the client, none the wiser, closes its sessions (Terminate, FIN).
+                time.sleep(max(0.0, t0 + float(returns) - time.monotonic()))
+                env.heal(CLIENT)
+                assert client.stdin is not None
+                client.stdin.write("close\n")
+                client.stdin.flush()
             time.sleep(max(0.0, t0 + capture_seconds - time.monotonic()))
         finally:
             tail = dump.stop()
+            if other is not None:
+                tail += other.stop()
             if client is not None:
                 stop_client(client)
         out_dir.mkdir(parents=True, exist_ok=True)
         packets = cut_to_headers(raw, out_dir / entry["file"])
+        if also is not None:
+            packets += cut_to_headers(other_raw, out_dir / also["file"])
         notes = [line for line in tail.splitlines() if "dropped by kernel" in line and not line.startswith("0 ")]
-    return Recorded(entry["file"], packets, time.monotonic() - began, notes)
+    recorded = entry["file"] + (f" and {also['file']}" if also is not None else "")
+    return Recorded(recorded, packets, time.monotonic() - began, notes)
 
 
 def record_all(entries: list[dict[str, Any]], out_dir: Path, jobs: int = 1) -> list[Recorded]:
@@ -362,8 +395,15 @@ def record_all(entries: list[dict[str, Any]], out_dir: Path, jobs: int = 1) -> l
     for tool in tools:
         if shutil.which(tool) is None:
             raise RecordError(f"{tool} is needed (bash scripts/setup.sh installs it)")
+    by_file = {e["file"]: e for e in entries}
+    chosen, covered = [], set()
+    for entry in entries:  # a pair is recorded once, by whichever of the two comes first
+        if entry["file"] in covered:
+            continue
+        covered.update({entry["file"], entry["how"].get("also", "")})
+        chosen.append(entry)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        return list(pool.map(lambda e: record_entry(e, out_dir), entries))
+        return list(pool.map(lambda e: record_entry(e, out_dir, by_file), chosen))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -382,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             print(f"record.py: error: not a recordable manifest entry: {', '.join(sorted(unknown))}", file=sys.stderr)
             return 2
-        entries = [e for e in entries if e["file"] in args.only]
+        wanted = set(args.only) | {e["how"].get("also") for e in entries if e["file"] in args.only}
+        entries = [e for e in entries if e["file"] in wanted]
     try:
         for done in record_all(entries, args.out, args.jobs):
             print(f"{done.file}: {done.packets} packets, recorded in {done.seconds:.1f} s", *done.notes)
