@@ -264,7 +264,8 @@ def test_settings_zero_use_the_server_namespaces_kernel_defaults():
     assert result.returncode == 0, result.explain()
     report = result.report
     measured = report["lab"]["server"]["sysctls"]
-    assert measured == {"net.ipv4.tcp_keepalive_time": 2, "net.ipv4.tcp_keepalive_intvl": 1, "net.ipv4.tcp_keepalive_probes": 3}
+    assert measured == {"net.ipv4.tcp_keepalive_time": 2, "net.ipv4.tcp_keepalive_intvl": 1, "net.ipv4.tcp_keepalive_probes": 3,
+                        "net.ipv4.tcp_retries2": 15}  # read in the namespace too: it bounds a stall
     assert report["lab"]["client"]["sysctls"] != measured, "the client's namespace keeps its own defaults"
     assert report["lab"]["sessions"][0]["shown"]["tcp_keepalives_idle"] == "2", "Postgres reads the namespace default back"
     (conn,) = report["connections"]
