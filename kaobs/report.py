@@ -230,10 +230,14 @@ class Lines:
         if console.soft_wrap or indent + body.cell_len <= console.width:
             console.print(pad + body, soft_wrap=True)
             return
-        width = max(20, console.width - indent - hang)
-        for number, part in enumerate(body.wrap(console, width, overflow="fold")):
+        first = body.wrap(console, max(20, console.width - indent), overflow="fold")[0]
+        first.rstrip()
+        console.print(pad + first, soft_wrap=True)
+        rest = body[len(first.plain):]
+        rest = rest[len(rest.plain) - len(rest.plain.lstrip(" ")):]
+        for part in rest.wrap(console, max(20, console.width - indent - hang), overflow="fold"):
             part.rstrip()
-            console.print(Text(" " * (indent if number == 0 else indent + hang)) + part, soft_wrap=True)
+            console.print(Text(" " * (indent + hang)) + part, soft_wrap=True)
 
 
 def render_text(
@@ -366,7 +370,8 @@ def one_line_reason(report: ConnectionReport, postgres: PostgresView | None = No
     if bad:
         side, finding = bad[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        return f"{side.role} {finding.setting}: expected {finding.value_text}, {_observed_words(side, finding)}{more}"
+        return (f"{side.role} {finding.setting}: expected {finding.value_text}, "
+                f"{_observed_words(report, side, finding)}{more}")
     info = None if postgres is None else postgres.connections.get(report.connection.index)
     if info is not None and info.after_abort is not None and info.after_abort.outlived:
         return f"backend pid {info.after_abort.pid} outlived its connection's keepalive abort"
@@ -386,17 +391,19 @@ def one_line_reason(report: ConnectionReport, postgres: PostgresView | None = No
     return "; ".join(activity + [verdict])
 
 
-def _observed_words(side: SideReport, finding: Finding) -> str:
-    """What was seen instead, when the table's observed cell has no number."""
+def _observed_words(report: ConnectionReport, side: SideReport, finding: Finding) -> str:
+    """What was seen instead: the observed number, or what did not come."""
     if finding.key == ENABLED_KEY:
         return "probes seen" if side.probes else "no probe seen"
+    check = finding.deciding
+    t0 = report.connection.start
+    if check is not None and check.what == "quiet" and check.since is not None:
+        return f"no probe in the idle span from +{check.since - t0:.3f} s"
+    if check is not None and check.what == "missing" and check.due is not None:
+        event = "the abort" if finding.key in ("count", "user_timeout") else "the probe"
+        return f"{event} due at +{check.due - t0:.3f} s did not come"
     if finding.observed != "-":
         return f"observed {finding.observed}"
-    check = finding.deciding
-    if check is not None and check.what == "quiet":
-        return "no probe in an idle span longer than that"
-    if check is not None and check.what == "missing":
-        return "the abort it says did not come" if finding.key in ("count", "user_timeout") else "a probe it says did not come"
     return "contradicted"
 
 
@@ -588,7 +595,8 @@ def render_postgres(console: Console, postgres: PostgresView) -> None:
     """The server as read with --dsn: where each setting came from, and what could not be read."""
     out = Lines(console)
     for line, style in postgres_server_lines(postgres):
-        out(Text(line, style=style), indent=2 if line.startswith("  ") else 0)
+        indent = len(line) - len(line.lstrip(" "))
+        out(Text(line.lstrip(" "), style=style), indent=indent, hang=2)
     console.print()
 
 

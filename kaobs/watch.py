@@ -97,10 +97,10 @@ def run_live(
         elif mode == "table":
             header.recent.append(line)
             del header.recent[:-50]
-            if alarm:
-                console.print(line, style="bold red", markup=False, highlight=False, soft_wrap=True)
+            if alarm:  # kept above the view, wrapped to the terminal
+                console.print(line, style="bold red", markup=False, highlight=False)
         elif alarm:
-            err.print(f"kaobs: {line}", style="bold red", markup=False, highlight=False, soft_wrap=True)
+            err.print(f"kaobs: {line}", style="bold red", markup=False, highlight=False)
 
     if mode == "lines":
         what = f"{title}: " if title else ""

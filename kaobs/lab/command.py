@@ -230,7 +230,7 @@ def run_lab(scenario: Scenario, image: str, *, user, hz: int, output_format: str
         if output.quiet and event.kind != "error":
             return
         style = {"fault": "bold magenta", "error": "bold red", "setup": "dim"}.get(event.kind, "cyan")
-        show.print(f"lab: {event.message}", style=style, markup=False, highlight=False, soft_wrap=True)
+        show.print(f"lab: {event.message}", style=style, markup=False, highlight=False)
 
     def interrupt(signum, frame):  # noqa: ARG001
         raise KeyboardInterrupt
