@@ -47,7 +47,7 @@ from analysis.words import local_clock
 # busy machine should not page anyone for a probe 300 ms late.
 ALARM_GRACE_S = 1.0
 VERDICT_REFRESH_S = 1.0
-"""How stale the verdict so far of an open connection may get: some findings depend on the time alone."""
+"""A verdict is judged again at most this often when nothing but the time changed."""
 
 ExpectationsFor = Callable[[Connection], "Expectations | None"]
 
@@ -93,7 +93,7 @@ class LiveMonitor:
         self.hidden = hidden
         self._timers: dict[int, tuple[Expectations | None, dict[str, TimerSettings]]] = {}
         self._raised: set[tuple] = set()
-        self._verdicts: dict[int, tuple[tuple, ConnectionReport]] = {}
+        self._verdicts: dict[int, tuple[tuple, ConnectionReport, float]] = {}
         self._events_seen: dict[tuple[int, str], int] = {}
         self._overdue: dict[tuple[int, str], float] = {}
         self.alarmed: set[int] = set()
@@ -128,18 +128,40 @@ class LiveMonitor:
     # -- the verdict so far -----------------------------------------------------------
 
     def verdict(self, conn: Connection, now: float) -> ConnectionReport:
-        """`conn` judged as of `now`, as the final report would judge it; cached until something changes."""
+        """`conn` judged as of `now`, as the final report would judge it.
+
+        Judging every connection at every refresh costs too much with
+        thousands of them, so the result is kept until something it depends
+        on changes: a probe, an answer, an abort, a FIN, the expectations, or
+        the time passing the moment a probe or an abort was due (then a "did
+        not come" finding may appear).
+        """
         expectations = self.expectations_of(conn)
         key = (id(expectations), conn.end_reason, _events(conn.server), _events(conn.client),
-               None if conn.end_reason != "open" else int(now / VERDICT_REFRESH_S))
+               _answers(conn.server), _answers(conn.client))
         cached = self._verdicts.get(conn.index)
-        if cached is not None and cached[0] == key and cached[1].connection is conn:
+        if cached is not None and cached[0] == key and cached[1].connection is conn and now < cached[2]:
             return cached[1]
         server = expectations.server if expectations is not None else None
         client = expectations.client if expectations is not None else None
         report = judge_connection(conn, server, client, now, self.hz)
-        self._verdicts[conn.index] = (key, report)
+        self._verdicts[conn.index] = (key, report, max(self._recheck_at(conn, now), now + VERDICT_REFRESH_S))
         return report
+
+    def _recheck_at(self, conn: Connection, now: float) -> float:
+        """When the verdict of `conn` may next change without a new event: a due probe or abort that does not
+        come. A moment already past was judged just now (with at least the tolerance the verdict uses)."""
+        if conn.end_reason != "open":
+            return float("inf")
+        moments = []
+        for role in (SERVER, CLIENT):
+            outlook = self.outlook(conn, role)
+            timer = self.timer(conn, role)
+            length = max(timer.idle or 0.0, timer.interval or 0.0) or 1.0
+            for due in (outlook.next_probe, outlook.abort_due):
+                if due is not None and due + timer_tolerance(length, self.hz).late > now:
+                    moments.append(due + timer_tolerance(length, self.hz).late)
+        return min(moments, default=float("inf"))
 
     # -- outlook --------------------------------------------------------------------------
 
@@ -270,6 +292,10 @@ class LiveMonitor:
 
     def _interval_of(self, conn: Connection, role: str) -> float | None:
         return self.timer(conn, role).interval or estimate_interval(conn.side(role).keepalive_probes())
+
+
+def _answers(endpoint: Endpoint) -> int:
+    return sum(1 for p in endpoint.probes if p.answer_t is not None)
 
 
 def _events(endpoint: Endpoint) -> int:

@@ -368,6 +368,7 @@ class Postgres:
         self.tracker = BackendTracker()
         self.own_clients: set[tuple[str, int]] = set()  # the monitoring session's client address and port
         self.own_connections: dict[int, str] = {}  # captured connections that were kaobs's own session
+        self._not_own: set[int] = set()
         self.checks: dict[int, AbortCheck] = {}  # connection index -> its check, once settled
         self._pending: dict[int, tuple[float, float]] = {}  # index -> (abort t, first check at)
         self._last_poll = float("-inf")
@@ -429,10 +430,12 @@ class Postgres:
         """Is this captured connection kaobs's own monitoring session? (Remembered, for the report to say so.)"""
         if conn.index in self.own_connections:
             return True
-        server = self.view.server
-        if (normalize_address(conn.client.address), conn.client.port) not in self.own_clients:
+        if conn.index in self._not_own:
             return False
-        if server is not None and server.port is not None and conn.server.port != server.port:
+        server = self.view.server
+        if ((normalize_address(conn.client.address), conn.client.port) not in self.own_clients
+                or server is not None and server.port is not None and conn.server.port != server.port):
+            self._not_own.add(conn.index)
             return False
         self.own_connections[conn.index] = conn.client.endpoint
         self.view.own_session = {"connection": conn.index, "client": conn.client.endpoint,
