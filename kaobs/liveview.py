@@ -154,7 +154,8 @@ def live_table(
 
 def ranked_connections(connections: Sequence[Connection], monitor: LiveMonitor, now: float) -> list[Connection]:
     """Visible connections, troubled first: contradicted settings, then alarms or unanswered probes, then
-    keepalive aborts, then open ones probing, then open quiet ones, then closed; most recent first within each."""
+    keepalive aborts, then open ones probing (in the order they came, so that rows do not jump about), then
+    open quiet ones, then closed ones (most recent first)."""
     def rank(conn: Connection) -> tuple[int, float]:
         verdict = monitor.verdict(conn, now).verdict
         open_ = conn.end_reason == "open"
@@ -170,7 +171,7 @@ def ranked_connections(connections: Sequence[Connection], monitor: LiveMonitor, 
             level = 5
         else:
             level = 6
-        return level, -conn.end
+        return level, (conn.index if level <= 4 else -conn.end)
 
     return sorted((c for c in connections if not monitor.is_hidden(c)), key=rank)
 
@@ -186,7 +187,7 @@ def _connection_lines(conn: Connection, monitor: LiveMonitor, now: float, backen
         app = f" {backend.application_name!r}" if backend.application_name else ""
         heading.append(f"  pid {backend.pid}{app}", style="cyan")
     heading.append(f"  {END_REASONS.get(conn.end_reason, conn.end_reason)}", style="" if conn.end_reason == "open" else "dim")
-    heading.append(f", last packet {local_clock(conn.end, millis=False)} ({_ago(now - conn.end)})")
+    heading.append(f", last packet {_ago(now - conn.end)}")
     lines = [heading]
     for role in (SERVER, CLIENT):
         outlook = monitor.outlook(conn, role)
@@ -232,11 +233,11 @@ def live_view(
     status = Text(no_wrap=True, overflow="ellipsis")
     if header.title:
         status.append(header.title + "  ", style="bold")
-    status.append(f"watching {', '.join(header.interfaces)} [{header.filter}]  ")
-    status.append(f"{_ago(now - header.started, suffix='')} elapsed, {header.packets} packets, "
-                  f"{header.segments} TCP segments, {len(visible)} connection(s)")
+    status.append(f"{_ago(now - header.started, suffix='')} on {', '.join(header.interfaces)}: {len(visible)} "
+                  f"connection(s), {header.packets} packets")
     if header.drops:
         status.append(f", {header.drops} dropped by the kernel", style="bold red")
+    status.append(f"  [{header.filter}]", style="dim")
     recent = header.recent[-RECENT_LINES:]
     if height is not None:
         recent = recent[-max(MIN_RECENT, min(RECENT_LINES, (height - 6) // 3)):] if recent else recent

@@ -235,7 +235,7 @@ def test_live_view_without_connections_and_with_drops():
     console = Console(record=True, width=140, color_system=None)
     console.print(live_view(header, model, LiveMonitor(model, None), 112.0))
     text = console.export_text()
-    assert "no Postgres connection seen yet" in text and "7 dropped by the kernel" in text and "12.0 s elapsed" in text
+    assert "no Postgres connection seen yet" in text and "7 dropped by the kernel" in text and "12.0 s on br-x: 0 connection(s), 3 packets" in text
 
 
 def test_live_view_caps_the_number_of_connections():
