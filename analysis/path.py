@@ -130,7 +130,8 @@ def path_drop(conn: Connection, t0: float, stall_outcomes: dict[int, str] | None
 def _alive(what: str, peer: Endpoint, heard: tuple[float, int], t0: float) -> str:
     heard_t, index = heard
     return (f"{what} while {peer.address} answered connection #{index} at +{heard_t - t0:.3f} s: the path dropped "
-            f"this connection; the {peer.role} is alive")
+            f"this connection; the {peer.role} is alive (unless several hosts share that address, behind a NAT or a "
+            "proxy)")
 
 
 def path_cut(conn: Connection, t0: float, stall_outcomes: dict[int, str] | None = None) -> PathCut | None:

@@ -124,6 +124,9 @@ class PostgresView:
     warnings: list[str] = field(default_factory=list)
     backends: list[Backend] = field(default_factory=list)
     connections: dict[int, ConnectionPostgres] = field(default_factory=dict)
+    own_session: dict | None = None
+    """kaobs's own monitoring session when a live capture saw it: {"connection", "client", "pid"}; it is left
+    out of the reports (not the user's traffic)."""
 
     def outlived(self) -> list[tuple[int, AbortCheck]]:
         """Connections whose backend outlived the server's keepalive abort: a finding of its own."""
@@ -146,6 +149,7 @@ class PostgresView:
             "warnings": list(self.warnings),
             "backends_seen": len(self.backends),
             "backends_outlived_abort": len(self.outlived()),
+            "own_session": self.own_session,
         }
 
 

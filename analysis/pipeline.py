@@ -86,28 +86,39 @@ class Analysis:
                 yield conn
 
     def reports(self, expectations: Expectations | None, capture_end: float | None = None,
-                idle_cut: float | None = None) -> Iterator[ConnectionReport]:
-        """Each connection judged as of `capture_end` (default: the end of the capture), one at a time."""
+                idle_cut: float | None = None,
+                expectations_for: Callable[[Connection], Expectations | None] | None = None,
+                ) -> Iterator[ConnectionReport]:
+        """Each connection judged as of `capture_end` (default: the end of the capture), one at a time.
+
+        `expectations_for` gives a connection expectations of its own (a
+        session's own settings); where it gives None, `expectations` apply.
+        """
         if not self._live_noted:  # the retired ones were noted as they left
             self._live_noted = True
             for conn in self.model.connections:
                 self._note_path(conn)
         return judge_in_order(self.connections(), expectations,
-                              self.capture_end if capture_end is None else capture_end, self.hz, idle_cut, self.path)
+                              self.capture_end if capture_end is None else capture_end, self.hz, idle_cut, self.path,
+                              expectations_for)
 
 
 def judge_in_order(connections: Iterable[Connection], expectations: Expectations | None, capture_end: float,
                    hz: int = DEFAULT_HZ, idle_cut: float | None = None,
-                   path: PathSummary | None = None) -> Iterator[ConnectionReport]:
+                   path: PathSummary | None = None,
+                   expectations_for: Callable[[Connection], Expectations | None] | None = None,
+                   ) -> Iterator[ConnectionReport]:
     """Judge connections one at a time against the expectations of both sides.
 
     `idle_cut` is an idle timeout of the path the user knows of; `path` what
     the capture shows of it across connections (a connection silent longer
     than the path keeps connections is not seen beyond that).
     """
-    server = expectations.server if expectations is not None else None
-    client = expectations.client if expectations is not None else None
     for conn in connections:
+        own = expectations_for(conn) if expectations_for is not None else None
+        chosen = own if own is not None else expectations
+        server = chosen.server if chosen is not None else None
+        client = chosen.client if chosen is not None else None
         forgets = path.forgets_after(conn.client.address, conn.server.address) if path is not None else None
         yield judge_connection(conn, server, client, capture_end, hz, idle_cut, forgets)
 

@@ -10,6 +10,7 @@ idle, so every comparison asks this module and reports which bound it used.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 DEFAULT_HZ = 250
 WHEEL_LEVELS = 9
@@ -50,8 +51,10 @@ def wheel_granularity(timeout_s: float, hz: int = DEFAULT_HZ) -> float:
     return (1 << ((WHEEL_LEVELS - 1) * LEVEL_CLK_SHIFT)) / hz
 
 
+@lru_cache(maxsize=1024)
 def timer_tolerance(timeout_s: float, hz: int = DEFAULT_HZ) -> Tolerance:
-    """Tolerance for one timer of `timeout_s` seconds, with the reason in words."""
+    """Tolerance for one timer of `timeout_s` seconds, with the reason in words (cached: the live view asks
+    for the same few timers thousands of times a second)."""
     granularity = wheel_granularity(timeout_s, hz)
     late = granularity + PROCESSING_SLACK_S
     basis = (

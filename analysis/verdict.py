@@ -45,21 +45,52 @@ VERDICTS = ("match", "mismatch", "unverified", "no_keepalive")
 
 @dataclass(slots=True)
 class Finding:
+    """One setting of one side, judged.
+
+    `setting`, `expected`, `observed`, `status` and `detail` are what the
+    JSON report says. The rest is for people's reports, which write their own
+    shorter words: `key` (idle, interval, count, user_timeout, enabled), the
+    expected value without its provenance (`value_text`), where it came from
+    (`source`), and the checks behind the status (`checks`; `deciding` is the
+    one the status rests on: the first contradiction, or the last agreement).
+    """
+
     setting: str
     expected: str
     observed: str
     status: str
     detail: str
+    key: str = ""
+    value_text: str = ""
+    source: str = ""
+    checks: list["Check"] = field(default_factory=list)
+
+    @property
+    def deciding(self) -> "Check | None":
+        bad = [c for c in self.checks if not c.ok]
+        return bad[0] if bad else (self.checks[-1] if self.checks else None)
 
 
 @dataclass(slots=True)
 class Check:
-    """One comparison of a predicted event with an observed one."""
+    """One comparison of a predicted event with an observed one.
+
+    `t` is the observed event (or the moment something was due and did not
+    come). For timed checks, `due` is when the timer should have fired,
+    `since` what it counted from (the last accepted packet, the previous
+    probe, the start of a quiet span), `what` the event ("probe", "abort",
+    "quiet" for an idle span without a probe, "missing" for an event that
+    did not come) and `tolerance` the window applied.
+    """
 
     setting: str
     ok: bool
     t: float | None
     detail: str
+    due: float | None = None
+    since: float | None = None
+    what: str = ""
+    tolerance: Tolerance | None = None
 
 
 @dataclass(slots=True)
@@ -72,6 +103,8 @@ class SideReport:
     abort: Abort | None
     findings: list[Finding] = field(default_factory=list)
     stalls: list[StallReport] = field(default_factory=list)
+    settings: TimerSettings | None = None
+    """The settings the side was judged with (None: not judged)."""
 
     @property
     def keepalive_probe_count(self) -> int:
@@ -157,6 +190,8 @@ def simulate(
                         p.t,
                         f"probe #{p.index} sent {p.t - p.anchor:.3f} s after the last accepted packet; "
                         f"{unit} says the connection is aborted instead",
+                        since=p.anchor,
+                        what="extra_probe",
                     )
                 )
 
@@ -194,21 +229,25 @@ def simulate(
         if end > due + tolerance.late:
             event = decide(TimerState(last.anchor, last.index, due), settings, due)
             if event.kind == ABORT:
-                checks.append(Check(_rule_setting(event.rule), False, due, f"abort due at {rel(due)} ({unit}) did not come; the capture runs to {rel(end)}"))
+                checks.append(Check(_rule_setting(event.rule), False, due, f"abort due at {rel(due)} ({unit}) did not come; the capture runs to {rel(end)}",
+                                    due, last.t, "missing", tolerance))
             else:
-                checks.append(Check("interval", False, due, f"probe due at {rel(due)} did not come; the capture runs to {rel(end)} ({tolerance.basis})"))
+                checks.append(Check("interval", False, due, f"probe due at {rel(due)} did not come; the capture runs to {rel(end)} ({tolerance.basis})",
+                                    due, last.t, "missing", tolerance))
         return checks
     if idle is not None:
         quiet = None if endpoint.persisting(peer) else _trailing_quiet(endpoint, end)
         tolerance = timer_tolerance(idle, hz)
         if quiet is not None and quiet[1] - quiet[0] > idle + tolerance.late:
             checks.append(
-                Check("idle", False, quiet[0] + idle, f"no keepalive probe in {quiet[1] - quiet[0]:.3f} s of idle from {rel(quiet[0])}; idle {idle:g} s says one was due at {rel(quiet[0] + idle)} ({tolerance.basis})")
+                Check("idle", False, quiet[0] + idle, f"no keepalive probe in {quiet[1] - quiet[0]:.3f} s of idle from {rel(quiet[0])}; idle {idle:g} s says one was due at {rel(quiet[0] + idle)} ({tolerance.basis})",
+                      quiet[0] + idle, quiet[0], "quiet", tolerance)
             )
         span = endpoint.longest_quiet
         if span is not None and span.length > idle + tolerance.late:
             checks.append(
-                Check("idle", False, span.start + idle, f"no keepalive probe in an idle span of {span.length:.3f} s from {rel(span.start)}; idle {idle:g} s says one was due at {rel(span.start + idle)}")
+                Check("idle", False, span.start + idle, f"no keepalive probe in an idle span of {span.length:.3f} s from {rel(span.start)}; idle {idle:g} s says one was due at {rel(span.start + idle)}",
+                      span.start + idle, span.start, "quiet", tolerance)
             )
     return checks
 
@@ -253,7 +292,7 @@ def _timed(setting: str, due: float, observed: float, tolerance: Tolerance, what
     else:
         direction = "early" if delta < 0 else "late"
         detail = f"{what} at {rel(observed)}, {observed - since:.3f} s after {rel(since)}: {abs(delta):.3f} s {direction}; {tolerance.basis}"
-    return Check(setting, ok, observed, detail)
+    return Check(setting, ok, observed, detail, due, since, what, tolerance)
 
 
 def _rule_setting(rule: str | None) -> str:
@@ -310,6 +349,7 @@ def judge_side(
         observed=observed,
         abort=abort,
         stalls=stalls,
+        settings=settings if expectation is not None else None,
     )
     if expectation is not None:
         unseen = (f"not seen here after +{cut.t - conn.start:.3f} s: the path cut the connection ({cut.kind})"
@@ -358,9 +398,12 @@ def _findings(
         if key == ENABLED_KEY:
             if role == SERVER:
                 continue  # Postgres always turns keepalives on for TCP sessions
-            expected_text, observed_text = ("on" if value else "off"), "-"
+            value_text = expected_text = "on" if value else "off"
+            source, observed_text = expectation.enabled_source, "-"
         else:
-            expected_text = _format_expected(key, value, getattr(expectation, key).source)
+            source = getattr(expectation, key).source
+            value_text = BY_KEY[key].text(value)
+            expected_text = _format_expected(key, value, source)
             seen = getattr(observed, key)
             observed_text = "-" if seen is None else BY_KEY[key].observed_text(seen)
         mine = [c for c in checks if c.setting == key]
@@ -371,7 +414,8 @@ def _findings(
             status, detail = MATCH, mine[-1].detail
         else:
             status, detail = UNOBSERVABLE, unseen or _why_unobservable(key, settings, observed, abort)
-        findings.append(Finding(setting_name(key, role), expected_text, observed_text, status, detail))
+        findings.append(Finding(setting_name(key, role), expected_text, observed_text, status, detail,
+                                key, value_text, source, mine))
     return findings
 
 

@@ -5,17 +5,20 @@ contradiction between the settings and the packets is 1 (`kaobs.status`).
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Sequence
 
 import click
-from rich.console import Console
 
 from analysis.pipeline import Analysis, AnalysisRun
 from kaobs.lab.command import lab
-from kaobs.options import UserError, expectation_options, fail, idle_cut_option, make_expectations
+from kaobs.options import (UserError, expectation_options, fail, idle_cut_option, make_expectations, make_output,
+                           output_options)
+from kaobs.progress import AnalyzeProgress
 from kaobs.report import (
     echo_json,
+    error_console,
     render_text,
     text_console,
     to_json,
@@ -34,7 +37,7 @@ def main() -> None:
     """kaobs: watch TCP keepalives of PostgreSQL connections and check them against the settings."""
 
 
-@main.command()
+@main.command(short_help="Judge the keepalives in pcap/pcapng files.")
 @click.argument("captures", nargs=-1, required=True, metavar="CAPTURE...")
 @expectation_options
 @click.option("--dsn", metavar="CONNINFO",
@@ -43,36 +46,42 @@ def main() -> None:
 @click.option("--container", "server_container", metavar="NAME",
               help="With --dsn: the server's Docker container, whose network namespace's sysctls resolve a setting of 0.")
 @idle_cut_option
+@output_options
 def analyze(captures: tuple[str, ...], expect, client_dsn, sysctls, ports, hz, output_format, dsn=None,
-            server_container=None, idle_cut=None) -> None:
+            server_container=None, idle_cut=None, only=(), summary=False, show_all=False, quiet=False,
+            color="auto") -> None:
     """Analyze saved pcap/pcapng files (several files are read in order as one capture).
 
     Exit 0 when nothing contradicts the expectations, 1 when something does,
     2 for bad usage or unreadable input.
     """
+    output = make_output(output_format, only, summary, show_all, quiet, color)
     expectations = make_expectations(expect, client_dsn, sysctls)
     run = AnalysisRun(sources=list(captures), hz=int(hz))
-    err = Console(stderr=True, highlight=False)
+    err = error_console(color)
 
     def warn(message: str) -> None:
         run.warnings.append(message)
-        err.print(f"kaobs: warning: {message}", style="yellow", markup=False)
+        if not quiet:
+            err.print(f"kaobs: warning: {message}", style="yellow", markup=False)
 
     # Ended connections go to a spool on disk as the capture is read: memory stays bounded by the
     # connections alive at a time. With --dsn every report is held: the matching needs them together.
     spool = ConnectionSpool() if dsn is None else None
     analysis = Analysis(ports, retired=spool, hz=int(hz))
+    progress = AnalyzeProgress(captures, err, enabled=not quiet and err.is_terminal)
     try:
-        for path in captures:
-            try:
-                reader = CaptureReader(path, warn=warn)
-                analysis.feed(reader.records())
-            except CaptureError as error:
-                raise UserError(str(error)) from None
-            stats = reader.stats
-            run.packets += stats.packets
-            run.segments += stats.segments
-            run.duplicates += stats.duplicates
+        with progress:
+            for index, path in enumerate(captures):
+                try:
+                    reader = CaptureReader(path, warn=warn)
+                    progress.feed(analysis, reader.records(), path, index)
+                except CaptureError as error:
+                    raise UserError(str(error)) from None
+                stats = reader.stats
+                run.packets += stats.packets
+                run.segments += stats.segments
+                run.duplicates += stats.duplicates
         analysis.finish()
         model = analysis.model
         run.ignored_segments = model.segments_ignored
@@ -86,10 +95,13 @@ def analyze(captures: tuple[str, ...], expect, client_dsn, sysctls, ports, hz, o
             expectations = postgres.expectations
         reports = analysis.reports(expectations, idle_cut=idle_cut)
         if postgres is None:
-            if output_format == "json":
-                counts = write_json_streamed(sys.stdout, run, reports, expectations)
-            else:
-                counts = render_text(text_console(), run, reports, expectations)
+            # A report going to a file while stderr is a terminal: count its connections there too.
+            with (progress if not sys.stdout.isatty() else contextlib.nullcontext()):
+                reports = progress.counting(reports, model.opened) if not sys.stdout.isatty() else reports
+                if output_format == "json":
+                    counts = write_json_streamed(sys.stdout, run, reports, expectations)
+                else:
+                    counts = render_text(text_console(color), run, reports, expectations, options=output.text)
             sys.exit(exit_status(counts))
         held = list(reports)
         view = postgres.finish(held)
@@ -98,7 +110,7 @@ def analyze(captures: tuple[str, ...], expect, client_dsn, sysctls, ports, hz, o
             echo_json(document)
             counts = document["summary"]
         else:
-            counts = render_text(text_console(), run, held, expectations, view)
+            counts = render_text(text_console(color), run, held, expectations, view, options=output.text)
         sys.exit(exit_status(counts, view))
     finally:
         if spool is not None:

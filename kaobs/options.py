@@ -6,6 +6,7 @@ it and none of them imports another's command module.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import NoReturn, Sequence
 
 import click
@@ -13,6 +14,7 @@ import click
 from analysis.expect import Expectations, build_expectations
 from analysis.pgsettings import apply_session_options
 from analysis.settings import GUC_NAMES, ExpectationError
+from kaobs.report import COLOR_CHOICES, ONLY_CHOICES, TextOptions
 from kaobs.status import ExitStatus
 
 
@@ -39,8 +41,13 @@ def expectation_options(function):
         click.option("--port", "ports", multiple=True, type=click.IntRange(1, 65535), default=(5432,), show_default=True,
                      help="Server port; says which side is the server. Repeatable."),
         click.option("--hz", type=click.Choice(["100", "250", "300", "1000"]), default="250", show_default=True,
-                     help="Kernel HZ of the probing hosts: sets the timer-wheel tolerance."),
-        click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text", show_default=True),
+                     help="Kernel HZ of the probing hosts, which sets how late a timer may fire (the timer wheel's "
+                          "granularity). On each host: grep 'CONFIG_HZ=' /boot/config-$(uname -r) (or zgrep it in "
+                          "/proc/config.gz); or measure it: the 'jiffies:' line of /proc/timer_list grows by HZ a "
+                          "second."),
+        click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+                     help="text: the report for people; json: the complete document, every connection and probe "
+                          "(the JSON contract in README.md)."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -61,3 +68,45 @@ def idle_cut_option(function):
         "--idle-cut", type=click.FloatRange(min=1.0, max=432_000.0), metavar="SECONDS", default=None,
         help="The path forgets connections idle this long (a load balancer, NAT or firewall): a side whose first "
              "keepalive probe comes later is a finding.")(function)
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """How results are shown: the text report's choices, --quiet and --color."""
+
+    text: TextOptions
+    quiet: bool = False
+    color: str = "auto"
+
+
+def output_options(function):
+    """--only/--summary/--all (what the text report lists), --quiet and --color, shared by analyze, watch and lab."""
+    options = [
+        click.option("--only", "only", multiple=True, type=click.Choice(ONLY_CHOICES),
+                     help="List only these connections in the text report (repeatable): mismatch (settings the "
+                          "packets contradict), abort (ended by a keepalive abort), probing (keepalive probes seen). "
+                          "The totals still count every connection."),
+        click.option("--summary", is_flag=True,
+                     help="One line per connection in the text report (id, verdict, endpoints, backend, the reason) "
+                          "instead of a block."),
+        click.option("--all", "show_all", is_flag=True,
+                     help="Also list connections without keepalive activity (by default they are only counted)."),
+        click.option("--quiet", "-q", is_flag=True,
+                     help="Only the report and errors: no progress, no live view, no warnings on stderr (they are "
+                          "in the report); alarms of watch and lab still go to stderr."),
+        click.option("--color", type=click.Choice(COLOR_CHOICES), default="auto", show_default=True,
+                     help="Colors in the text output: auto (on a terminal, unless NO_COLOR is set), always, never."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def make_output(output_format: str, only: Sequence[str], summary: bool, show_all: bool, quiet: bool,
+                color: str) -> Output:
+    """The output options; --only/--summary/--all shape the text report only (the JSON is always complete)."""
+    if output_format == "json" and (only or summary or show_all):
+        used = [name for name, given in (("--only", only), ("--summary", summary), ("--all", show_all)) if given]
+        verb = "shapes" if len(used) == 1 else "shape"
+        raise UserError(f"{' and '.join(used)} {verb} the text report; the JSON document always holds every connection")
+    return Output(TextOptions(frozenset(only), summary, show_all), quiet, color)

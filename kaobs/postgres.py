@@ -200,6 +200,19 @@ class MonitoringSession:
         except psycopg.Error as error:
             raise PostgresError(_scrub(f"--dsn {self.redacted}: {_one_line(str(error))}", self._secrets)) from None
 
+    def client_endpoint(self) -> tuple[str, int] | None:
+        """This session's own address and port, as its packets carry them (to leave it out of a live view)."""
+        if self._conn is None:
+            return None
+        try:
+            fd = self._conn.pgconn.socket  # type: ignore[attr-defined]
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                address, port = sock.getsockname()[:2]
+        except (OSError, AttributeError, ValueError):
+            return None
+        normalized = normalize_address(address)
+        return None if normalized is None else (normalized, port)
+
     def _one(self, sql: str, params: Sequence[object] = ()) -> object:
         rows = self._query(sql, params)
         return rows[0][0] if rows else None
@@ -353,6 +366,9 @@ class Postgres:
         self.confirm_timeout = confirm_timeout
         self.clock = clock
         self.tracker = BackendTracker()
+        self.own_clients: set[tuple[str, int]] = set()  # the monitoring session's client address and port
+        self.own_connections: dict[int, str] = {}  # captured connections that were kaobs's own session
+        self._not_own: set[int] = set()
         self.checks: dict[int, AbortCheck] = {}  # connection index -> its check, once settled
         self._pending: dict[int, tuple[float, float]] = {}  # index -> (abort t, first check at)
         self._last_poll = float("-inf")
@@ -400,8 +416,35 @@ class Postgres:
         local = read_local_kernel() if container is None and is_local_address(server.address) else None
         side, lines, warnings = server_expectation(readings, expectations.server, user_kernel, container_kernel, local)
         view.setting_lines, view.warnings = lines, view.warnings + warnings
-        return cls(dsn, Expectations(side, expectations.client), view, session=session if live else None,
-                   backends=backends, **options)
+        postgres = cls(dsn, Expectations(side, expectations.client), view, session=session if live else None,
+                       backends=backends, **options)
+        if live:
+            own = session.client_endpoint()
+            if own is not None:
+                postgres.own_clients.add(own)
+            postgres.own_clients.update((normalize_address(b.client_addr), b.client_port) for b in backends
+                                        if b.pid == server.own_pid and b.client_addr and b.client_port)
+        return postgres
+
+    def is_own(self, conn: Connection) -> bool:
+        """Is this captured connection kaobs's own monitoring session? (Remembered, for the report to say so.)"""
+        if conn.index in self.own_connections:
+            return True
+        if conn.index in self._not_own:
+            return False
+        server = self.view.server
+        if ((normalize_address(conn.client.address), conn.client.port) not in self.own_clients
+                or server is not None and server.port is not None and conn.server.port != server.port):
+            self._not_own.add(conn.index)
+            return False
+        self.own_connections[conn.index] = conn.client.endpoint
+        self.view.own_session = {"connection": conn.index, "client": conn.client.endpoint,
+                                 "pid": server.own_pid if server is not None else None}
+        return True
+
+    def backend_of(self, index: int) -> Backend | None:
+        """The backend a live connection was matched to, when known."""
+        return self.tracker.backend(index)
 
     @property
     def failed(self) -> bool:

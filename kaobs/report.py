@@ -13,11 +13,10 @@ import json
 import shutil
 import sys
 import tempfile
-from typing import IO, Any, Iterable
+from dataclasses import dataclass
+from typing import IO, Any, Iterable, Sequence
 
 from rich.console import Console
-from rich.padding import Padding
-from rich.table import Table
 from rich.text import Text
 
 from analysis.expect import Expectations, SideExpectation
@@ -26,8 +25,9 @@ from analysis.path import PathSummary, idle_advice
 from analysis.pgsessions import PostgresView
 from analysis.stalls import StallReport
 from analysis.pipeline import AnalysisRun, tally
-from analysis.settings import CLIENT, SERVER, SETTINGS
-from analysis.verdict import VERDICTS, ConnectionReport, SideReport
+from analysis.settings import CLIENT, ENABLED_KEY, SERVER, SETTINGS
+from analysis.tolerance import PROCESSING_SLACK_S
+from analysis.verdict import VERDICTS, Check, ConnectionReport, Finding, SideReport
 from analysis.words import utc_clock
 
 JSON_FORMAT_VERSION = 1
@@ -239,32 +239,117 @@ def _stall_json(report: StallReport) -> dict[str, Any]:
 
 
 # -- text -----------------------------------------------------------------------
+#
+# Lines are built short enough for an 80-column terminal (the settings table:
+# status first, provenance as numbered notes under it); prose that is longer
+# (notes, Postgres lines) is wrapped on a terminal with its indentation kept,
+# and never wrapped in a pipe or a file, so that one line stays one line for
+# grep.
+
+ONLY_CHOICES = ("mismatch", "abort", "probing", "path")
+"""What `--only` can ask for: contradicted settings, keepalive aborts, keepalive probes seen, path failures
+(a middlebox's cut, a stall with data in flight)."""
+TRIAGE_LIMIT = 40
+"""Problem connections named at the end of the report, per kind; more are counted, so memory stays bounded."""
+TRIAGE_KINDS = ("mismatch", "outlived", "path", "abort")
+"""The problem kinds, worst first: settings the packets contradict, a backend that outlived its
+connection's keepalive abort, a path that cut the connection or data stuck in flight, a keepalive abort
+(the peer stopped answering)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TextOptions:
+    """Which connections the text report lists and how (`--only`, `--summary`, `--all`)."""
+
+    only: frozenset[str] = frozenset()
+    summary: bool = False
+    show_all: bool = False
+
+
+class Lines:
+    """Writes report lines: one console line each in a pipe; wrapped, indentation kept, on a terminal.
+
+    Whether to wrap is the console's own `soft_wrap` (`text_console` sets it
+    when stdout is not a terminal). A line that fits is printed as it is; a
+    longer one is folded at word boundaries, its continuation indented a
+    little more. Nothing is ever cut.
+    """
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def __call__(self, text: Text | str = "", indent: int = 0, style: str = "", hang: int = 2) -> None:
+        body = text if isinstance(text, Text) else Text(text, style=style)
+        console = self.console
+        pad = Text(" " * indent)
+        if console.soft_wrap or indent + body.cell_len <= console.width:
+            console.print(pad + body, soft_wrap=True)
+            return
+        first = body.wrap(console, max(20, console.width - indent), overflow="fold")[0]
+        first.rstrip()
+        console.print(pad + first, soft_wrap=True)
+        rest = body[len(first.plain):]
+        rest = rest[len(rest.plain) - len(rest.plain.lstrip(" ")):]
+        for part in rest.wrap(console, max(20, console.width - indent - hang), overflow="fold"):
+            part.rstrip()
+            console.print(Text(" " * (indent + hang)) + part, soft_wrap=True)
 
 
 def render_text(
     console: Console, run: AnalysisRun, reports: Iterable[ConnectionReport], expectations: Expectations | None,
-    postgres: PostgresView | None = None,
+    postgres: PostgresView | None = None, options: TextOptions | None = None,
 ) -> dict[str, int]:
-    """The text report; `reports` may be a generator (read once). Returns the verdict counts."""
+    """The text report; `reports` may be a generator (read once). Returns the verdict counts.
+
+    Each connection listed gets a block (or one line with `--summary`);
+    connections without keepalive activity are counted, not listed, unless
+    `--all`. The report ends with the problem connections, worst first, and
+    the totals. Only small summary lines are kept for that ending, and at
+    most `TRIAGE_LIMIT` of each kind: memory does not grow with the capture.
+    """
+    options = options or TextOptions()
+    out = Lines(console)
     for warning in run.warnings:
-        console.print(Text(f"warning: {warning}", style="yellow"))
+        out(f"warning: {warning}", style="yellow")
     if postgres is not None:
         render_postgres(console, postgres)
     counts = dict.fromkeys(VERDICTS, 0)
-    total = 0
+    total = listed = quiet = filtered = 0
+    legend = Legend()
+    triage = Triage()
     path = PathSummary()
     for report in reports:
-        render_connection(console, report, expectations, postgres=postgres)
         counts[report.verdict] += 1
         total += 1
         path.add(report.connection, report.path_cut)
+        kinds = report_kinds(report, postgres)
+        if _is_listed(report, kinds, options):
+            listed += 1
+            if options.summary:
+                out(summary_line(report, postgres))
+            else:
+                render_connection(console, report, expectations, postgres=postgres, legend=legend)
+        elif options.only:
+            filtered += 1
+        else:
+            quiet += 1
+        triage.add(report, kinds, postgres)
     if not total:
-        console.print(f"No Postgres connection in {', '.join(run.sources)} ({run.segments} TCP segments, none on the server port).")
+        out(f"No Postgres connection in {', '.join(run.sources)} ({run.segments} TCP segments, none on the server port).")
         return counts
     for line, style in path_lines(path, expectations):
-        console.print(Text(line, style=style))
+        body = line.lstrip(" ")
+        out(Text(body, style=style), indent=len(line) - len(body), hang=6)
+    if options.summary and listed:
+        out()
+    if listed > 1 and not (options.only and options.only <= {"mismatch", "abort"}):
+        triage.render(out)
+    if quiet:
+        out(f"{quiet} connection(s) without keepalive activity not listed (--all lists them)", style="dim")
+    if filtered:
+        out(f"{filtered} connection(s) not listed (--only {','.join(sorted(options.only))})", style="dim")
     parts = [f"{n} {v}" for v, n in counts.items() if n]
-    console.print(f"{total} connection(s): " + ", ".join(parts) + f"  [{run.packets} packets, {run.segments} TCP segments]")
+    out(f"{total} connection(s): " + ", ".join(parts) + f"  [{run.packets} packets, {run.segments} TCP segments]")
     return counts
 
 
@@ -281,72 +366,363 @@ def path_lines(path: PathSummary, expectations: Expectations | None) -> list[tup
     return lines
 
 
+def report_kinds(report: ConnectionReport, postgres: PostgresView | None = None) -> frozenset[str]:
+    """What a connection is, for `--only` and the triage: mismatch, abort, probing, path, outlived."""
+    kinds = set()
+    if report.verdict == "mismatch":
+        kinds.add("mismatch")
+    if report.server.abort is not None or report.client.abort is not None:
+        kinds.add("abort")
+    if report.server.probes or report.client.probes:
+        kinds.add("probing")
+    if report.path_cut is not None or _troubled_stalls(report):
+        kinds.add("path")
+    info = None if postgres is None else postgres.connections.get(report.connection.index)
+    if info is not None and info.after_abort is not None and info.after_abort.outlived:
+        kinds.add("outlived")
+    return frozenset(kinds)
+
+
+def _is_listed(report: ConnectionReport, kinds: frozenset[str], options: TextOptions) -> bool:
+    if options.only:
+        return bool(kinds & options.only)
+    return options.show_all or bool(kinds) or not _without_activity(report)
+
+
+def _without_activity(report: ConnectionReport) -> bool:
+    """Nothing keepalive-shaped happened: no probe of either kind, no abort, nothing judged either way."""
+    return (report.verdict == "no_keepalive" and not report.server.window_probe_count
+            and not report.client.window_probe_count and report.path_cut is None and report.after_end is None
+            and not _troubled_stalls(report))
+
+
+def _troubled_stalls(report: ConnectionReport) -> list[tuple[str, StallReport]]:
+    """Stalls that were not just TCP recovering a lost segment: given up on, reset, or still going."""
+    return [(side.role, stall) for side in (report.server, report.client) for stall in side.stalls
+            if stall.outcome != "acked"]
+
+
+class Triage:
+    """The problem connections, as one line each, kept for the end of the report (at most TRIAGE_LIMIT per kind)."""
+
+    def __init__(self, limit: int = TRIAGE_LIMIT) -> None:
+        self.limit = limit
+        self.lines: dict[str, list[Text]] = {kind: [] for kind in TRIAGE_KINDS}
+        self.counts: dict[str, int] = dict.fromkeys(TRIAGE_KINDS, 0)
+
+    def add(self, report: ConnectionReport, kinds: frozenset[str], postgres: PostgresView | None) -> None:
+        kind = next((k for k in TRIAGE_KINDS if k in kinds), None)
+        if kind is None:
+            return
+        self.counts[kind] += 1
+        if len(self.lines[kind]) < self.limit:
+            self.lines[kind].append(summary_line(report, postgres))
+
+    def render(self, out: Lines) -> None:
+        problems = sum(self.counts.values())
+        if not problems:
+            return
+        out(Text(f"Problems, worst first ({problems}):", style="bold"))
+        for kind in TRIAGE_KINDS:
+            for line in self.lines[kind]:
+                out(line, indent=2, hang=4)
+            more = self.counts[kind] - len(self.lines[kind])
+            if more:
+                out(f"... and {more} more ({kind}; --only {'abort' if kind == 'outlived' else kind} --summary lists them)",
+                    indent=2, style="dim")
+        out()
+
+
+def summary_line(report: ConnectionReport, postgres: PostgresView | None = None) -> Text:
+    """One line for a connection: id, verdict, endpoints, backend when known, and the one-line reason."""
+    conn = report.connection
+    line = Text()
+    line.append(f"#{conn.index} ", style="bold")
+    line.append(report.verdict.upper(), style=VERDICT_STYLE[report.verdict])
+    line.append(f" {conn.client.endpoint} -> {conn.server.endpoint}")
+    backend = _backend_words(postgres, conn.index)
+    if backend:
+        line.append(f" {backend}")
+    line.append(f": {one_line_reason(report, postgres)}")
+    return line
+
+
+def one_line_reason(report: ConnectionReport, postgres: PostgresView | None = None) -> str:
+    """Why the connection is what it is, in one short clause."""
+    bad = [(side, f) for side in (report.server, report.client) for f in side.findings if f.status == "mismatch"]
+    if bad:
+        side, finding = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        return (f"{side.role} {finding.setting}: expected {finding.value_text}, "
+                f"{_observed_words(report, side, finding)}{more}")
+    info = None if postgres is None else postgres.connections.get(report.connection.index)
+    if info is not None and info.after_abort is not None and info.after_abort.outlived:
+        return f"backend pid {info.after_abort.pid} outlived its connection's keepalive abort"
+    cut = report.path_cut
+    if cut is not None:
+        idle = f" after {cut.idle_before:.1f} s idle" if cut.idle_before is not None else ""
+        how = {"reset": "reset by a middlebox", "drop": "dropped by the path"}.get(cut.kind, cut.kind)
+        words = f"{how}{idle}" + (" (inferred: silent longer than the path keeps connections)" if cut.inferred else "")
+        aborted = next((side for side in (report.server, report.client) if side.abort is not None), None)
+        if aborted is not None:
+            words += (f"; the {aborted.role} aborted it after {aborted.abort.unanswered_probes} unanswered "  # type: ignore[union-attr]
+                      "probe(s)")
+        return words
+    stalls = _troubled_stalls(report)
+    if stalls:
+        role, stall = stalls[0]
+        what = "zero-window probes" if stall.kind == WINDOW else "data unacknowledged"
+        ending = {"gave_up": "the kernel gave up in silence", "reset": "ended by a RST",
+                  "open": "still going at the end"}.get(stall.outcome, stall.outcome)
+        return f"{role} {what}, {stall.retransmissions} resend(s), {ending}; keepalives do not apply"
+    for side in (report.server, report.client):
+        if side.abort is not None:
+            peer = CLIENT if side.role == SERVER else SERVER
+            return (f"the {side.role} aborted it at {utc_clock(side.abort.t)} after {side.abort.unanswered_probes} "
+                    f"unanswered probe(s): the {peer} stopped answering")
+    activity = []
+    for side in (report.server, report.client):
+        if side.probes:
+            activity.append(f"{side.role} {len(side.probes)} probe(s), {side.answered} answered")
+        if side.window_probe_count:
+            activity.append(f"{side.role} {side.window_probe_count} zero-window probe(s), not keepalive")
+    verdict = {"match": "the settings agree", "unverified": "nothing judged (no expectation given)",
+               "no_keepalive": "no keepalive probe"}[report.verdict]
+    return "; ".join(activity + [verdict])
+
+
+def _observed_words(report: ConnectionReport, side: SideReport, finding: Finding) -> str:
+    """What was seen instead: the observed number, or what did not come."""
+    if finding.key == ENABLED_KEY:
+        return "probes seen" if side.probes else "no probe seen"
+    check = finding.deciding
+    t0 = report.connection.start
+    if check is not None and check.what == "quiet" and check.since is not None:
+        return f"no probe in the idle span from +{check.since - t0:.3f} s"
+    if check is not None and check.what == "missing" and check.due is not None:
+        event = "the abort" if finding.key in ("count", "user_timeout") else "the probe"
+        return f"{event} due at +{check.due - t0:.3f} s did not come"
+    if finding.observed != "-":
+        return f"observed {finding.observed}"
+    return "contradicted"
+
+
+class Legend:
+    """Where expected values came from, numbered once per report: `[1]` in the table, the words under it."""
+
+    PLAIN = ("--expect", "client DSN", "lab --libpq")
+
+    def __init__(self) -> None:
+        self.numbers: dict[str, int] = {}
+
+    def mark(self, source: str) -> tuple[str, bool]:
+        """(" [n]" or "", whether n is new) for a source; the plainest sources get no note."""
+        if not source or source in self.PLAIN or source.endswith("(client DSN)"):
+            return "", False
+        number = self.numbers.get(source)
+        if number is not None:
+            return f" [{number}]", False
+        number = self.numbers[source] = len(self.numbers) + 1
+        return f" [{number}]", True
+
+
 def render_connection(
-    console: Console, report: ConnectionReport, expectations: Expectations | None, verbose: bool = False,
-    postgres: PostgresView | None = None,
+    console: Console, report: ConnectionReport, expectations: Expectations | None = None, verbose: bool = False,
+    postgres: PostgresView | None = None, legend: Legend | None = None,
 ) -> None:
+    """One connection: headline, timeline, Postgres lines, the settings table and what decided it."""
+    out = Lines(console)
+    legend = legend or Legend()
     conn = report.connection
     headline = Text()
     headline.append(f"#{conn.index} ", style="bold")
-    headline.append(f"{conn.client.endpoint} -> {conn.server.endpoint}  ")
     headline.append(report.verdict.upper(), style=VERDICT_STYLE[report.verdict])
-    headline.append(f"  {utc_clock(conn.start)} .. {utc_clock(conn.end)} ({conn.end - conn.start:.3f} s), {_end_words(conn.end_reason)}")
+    headline.append(f"  {conn.client.endpoint} -> {conn.server.endpoint}")
+    out(headline)
+    when = Text(f"{utc_clock(conn.start)} .. {utc_clock(conn.end)} UTC ({conn.end - conn.start:.3f} s), "
+                f"{_end_words(conn.end_reason)}")
     if not conn.saw_syn:
-        headline.append("  (began before the capture)", style="dim")
-    console.print(headline)
+        when.append(" (began before the capture)", style="dim")
+    out(when, indent=4)
     for line in timeline(report):
-        console.print(Text("    " + line))
+        out(line, indent=4, hang=13)
     if postgres is not None:
         for line, alarm in postgres_connection_lines(postgres, conn.index):
-            console.print(Text("    " + line, style="bold red" if alarm else ""))
-    findings = [(side.role, f) for side in (report.server, report.client) for f in side.findings]
-    if findings:
-        table = Table(show_edge=False, pad_edge=False, box=None, padding=(0, 2), show_header=True, header_style="bold")
-        for column in ("side", "setting", "expected", "observed", "status"):
-            table.add_column(column, no_wrap=True)
-        for role, f in findings:
-            table.add_row(role, f.setting, Text(f.expected), Text(f.observed), Text(f.status, style=STATUS_STYLE[f.status]))
-        console.print(Padding(table, (0, 0, 0, 4), expand=False))
-        for role, f in findings:
-            if f.status != "unobservable" or verbose:
-                console.print(Text(f"      {role} {f.setting}: {f.detail}", style="dim" if f.status == "match" else ""))
-    else:
+            out(line, indent=4, style="bold red" if alarm else "", hang=10)
+    sides = [side for side in (report.server, report.client) if side.findings]
+    if not sides:
         for side in (report.server, report.client):
             o = side.observed
             if side.probes or side.abort:
-                console.print(
-                    f"    {side.role}: observed idle {_s(o.idle)}, interval {_s(o.interval)}, "
-                    f"count {o.count if o.count is not None else '-'} (no expectation given: not judged)"
-                )
+                out(f"{side.role}: observed idle {_s(o.idle)}, interval {_s(o.interval)}, "
+                    f"count {o.count if o.count is not None else '-'} (no expectation given: not judged)", indent=4)
+        console.print()
+        return
+    rows: list[tuple[str, str, str, str, str]] = []
+    new_sources: list[tuple[int, str]] = []
+    for side in sides:
+        for f in side.findings:
+            mark, new = legend.mark(f.source)
+            if new:
+                new_sources.append((legend.numbers[f.source], f.source))
+            rows.append((f.status, side.role, f.setting, f.value_text + mark, _observed_cell(side, f)))
+    header = ("status", "side", "setting", "expected", "observed")
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(5)]
+
+    def row_text(cells: Sequence[str], status_style: str) -> Text:
+        text = Text()
+        for i, cell in enumerate(cells):
+            last = i == len(cells) - 1
+            text.append(cell if last else cell.ljust(widths[i]) + "  ", style=status_style if i == 0 else "")
+        return text
+
+    out(row_text(header, "bold"), indent=4)
+    for row in rows:
+        out(row_text(row, STATUS_STYLE[row[0]]), indent=4)
+    for number, source in new_sources:
+        out(f"[{number}] {source}", indent=4, style="dim", hang=4)
+    for side in sides:
+        for f in side.findings:
+            words = finding_words(report, side, f, verbose)
+            if words is not None:
+                out(f"{side.role} {f.setting}: {words}", indent=4, style="" if f.status == "mismatch" else "dim", hang=4)
     console.print()
+
+
+def _observed_cell(side: SideReport, finding: Finding) -> str:
+    if finding.key == ENABLED_KEY:
+        return "probes seen" if side.probes else "no probe"
+    return finding.observed
+
+
+def finding_words(report: ConnectionReport, side: SideReport, finding: Finding, verbose: bool = False) -> str | None:
+    """What decided a finding, in plain words, where it is worth a line.
+
+    A contradiction always says what was seen and what the settings said; an
+    agreement only when the timer wheel's tolerance decided it (the event was
+    later than the processing slack alone allows); "unobservable" only when
+    the table shows an observed number that was not judged. `verbose`: every
+    finding's detail.
+    """
+    if finding.status == "mismatch":
+        check = finding.deciding
+        return check_words(report, side, check) if check is not None else finding.detail
+    if finding.status == "match":
+        timed = [c for c in finding.checks if c.ok and c.due is not None and c.t is not None and c.tolerance is not None]
+        late = max(timed, key=lambda c: c.t - c.due, default=None)  # type: ignore[operator]
+        if late is not None and _close_call(late):
+            return _tolerance_words(report, side, late)
+        return finding.detail if verbose else None
+    if finding.observed != "-" or verbose:
+        return f"not judged: {finding.detail}"
+    return None
+
+
+def _close_call(check: Check) -> bool:
+    """Did the tolerance decide this agreement? The event came later than processing alone explains, and
+    used more than half of the lateness the timer wheel allows."""
+    assert check.t is not None and check.due is not None and check.tolerance is not None
+    late = check.t - check.due
+    return late > PROCESSING_SLACK_S and late > check.tolerance.late / 2
+
+
+def _numbers(side: SideReport) -> dict[float, int]:
+    """Each keepalive probe's number across the connection (1, 2, 3, ...), by its time."""
+    return {view.t: number for number, view in enumerate(side.probes, 1)}
+
+
+def _event_words(side: SideReport, check: Check) -> str:
+    if check.what == "abort":
+        return "the abort"
+    number = _numbers(side).get(check.t) if check.t is not None else None
+    return f"probe {number}" if number is not None else "the probe"
+
+
+def _since_words(report: ConnectionReport, side: SideReport, check: Check) -> str:
+    """What a timer counted from: the last accepted packet (the answer to probe n?), or probe n."""
+    t0 = report.connection.start
+    since = check.since
+    if since is None:
+        return "?"
+    numbers = _numbers(side)
+    if check.setting == "interval" or since in numbers and check.what in ("abort", "missing"):
+        number = numbers.get(since)
+        if number is not None:
+            return f"probe {number}"
+    answered = next((n for n, v in enumerate(side.probes, 1) if v.probe.answer_t == since), None)
+    if answered is not None:
+        return f"the answer to probe {answered}"
+    return f"the last packet the {side.role} accepted, at +{since - t0:.3f} s"
+
+
+def check_words(report: ConnectionReport, side: SideReport, check: Check) -> str:
+    """A contradiction in plain words: what came (or not), when it was due, by how much it missed."""
+    t0 = report.connection.start
+    if check.what in ("probe", "abort") and check.due is not None and check.since is not None and check.t is not None:
+        delta = check.t - check.due
+        window = check.tolerance
+        words = (f"{_event_words(side, check)} came {check.t - check.since:.3f} s after {_since_words(report, side, check)}, "
+                 f"due after {check.due - check.since:.3f} s: {abs(delta):.3f} s {'early' if delta < 0 else 'late'}")
+        if window is not None:
+            words += (f" (a timer may fire at most {_ms(window.early)} early)" if delta < 0
+                      else f" (more than the {_ms(window.late)} a {check.due - check.since:g} s timer may be late)")
+        return words
+    if check.what == "quiet" and check.due is not None and check.since is not None:
+        return (f"no keepalive probe in the idle span from +{check.since - t0:.3f} s; one was due "
+                f"{check.due - check.since:g} s into it, at +{check.due - t0:.3f} s")
+    if check.what == "missing" and check.due is not None:
+        event = "the abort" if check.setting in ("count", "user_timeout") else "a probe"
+        return (f"{event} due at +{check.due - t0:.3f} s ({check.due - (check.since or check.due):.3f} s after "
+                f"{_since_words(report, side, check)}) did not come")
+    if check.what == "extra_probe":
+        return f"{_event_words(side, check)} came where the settings say the connection is aborted instead"
+    return check.detail
+
+
+def _tolerance_words(report: ConnectionReport, side: SideReport, check: Check) -> str:
+    assert check.t is not None and check.due is not None and check.tolerance is not None and check.since is not None
+    length = check.due - check.since
+    return (f"{_event_words(side, check)} came {check.t - check.since:.3f} s after {_since_words(report, side, check)}, "
+            f"{(check.t - check.due) * 1000:.0f} ms after it was due: a close call, within the "
+            f"{_ms(check.tolerance.late)} a {length:g} s timer may be late at this HZ")
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds:g} s" if seconds >= 1 else f"{seconds * 1000:.0f} ms"
 
 
 def render_postgres(console: Console, postgres: PostgresView) -> None:
     """The server as read with --dsn: where each setting came from, and what could not be read."""
+    out = Lines(console)
     for line, style in postgres_server_lines(postgres):
-        console.print(Text(line, style=style))
+        indent = len(line) - len(line.lstrip(" "))
+        out(Text(line.lstrip(" "), style=style), indent=indent, hang=2)
     console.print()
 
 
 def timeline(report: ConnectionReport) -> list[str]:
-    """Probes, answers and the abort of both sides, in time order, relative to the start."""
+    """Probes, answers and the abort of both sides, in time order, relative to the start.
+
+    Probes are numbered across the connection per side; an unanswered probe
+    says its place in the series that the count limits ("unanswered 2/3").
+    """
     conn = report.connection
     t0 = conn.start
     events: list[tuple[float, str]] = []
     for side in (report.server, report.client):
         endpoint = side.endpoint
-        for view in side.probes:
-            probe = view.probe
-            if probe.answer_t is None:
-                answer = "unanswered"
-            elif view.answer_lost:
-                answer = f"answer at +{probe.answer_t - t0:.3f} s lost before reaching the {side.role}"
-            else:
-                answer = f"answered +{(probe.answer_t - probe.t) * 1000:.2f} ms"
-            since = f", {probe.t - view.anchor:.3f} s after last accepted" if view.anchor is not None and view.index == 1 else ""
-            events.append((probe.t, f"{side.role} keepalive probe #{view.index}{since}: {answer}"))
+        events.extend(_probe_events(side, t0))
+        window_probes = [p for p in endpoint.probes if p.kind == WINDOW]
+        if window_probes:
+            first, last = window_probes[0], window_probes[-1]
+            events.append(
+                (first.t, f"{side.role} zero-window probes x{len(window_probes)} +{first.t - t0:.3f}..+{last.t - t0:.3f} s "
+                          "(persist timer, not keepalive)")
+            )
         if side.abort is not None:
-            events.append((side.abort.t, f"{side.role} ABORT (RST) after {side.abort.unanswered_probes} unanswered probe(s): {side.abort.reason}"))
+            why = "keepalive count reached" if side.abort.reason == "keepalive_count" else "user timeout reached"
+            events.append((side.abort.t, f"{side.role} ABORT (RST) after {side.abort.unanswered_probes} unanswered "
+                                         f"probe(s): {why}"))
         elif endpoint.reset is not None and not (report.path_cut is not None and report.path_cut.kind == "reset"
                                                  and report.path_cut.t == endpoint.reset.t):
             events.append((endpoint.reset.t, f"{side.role} RST (not a keepalive abort)"))
@@ -417,12 +793,44 @@ def stall_words(role: str, stall: StallReport, t0: float) -> str:
     return f"{what}{since}{tail}; keepalives do not apply while data is in flight{why}"
 
 
+def _probe_events(side: SideReport, t0: float) -> list[tuple[float, str]]:
+    settings = side.settings
+    count_rules = settings is not None and settings.count and not settings.user_timeout
+    views = side.probes
+    last_series_total = views[-1].index if views and side.abort is not None else None
+    events = []
+    for number, view in enumerate(views, 1):
+        probe = view.probe
+        text = f"{side.role} probe {number}"
+        if view.index == 1 and view.anchor is not None:
+            text += f" after {probe.t - view.anchor:.3f} s idle"
+        if view.answered:
+            text += f": answered in {(probe.answer_t - probe.t) * 1000:.2f} ms"  # type: ignore[operator]
+        else:
+            in_last_series = all(v.index > 1 for v in views[number:])
+            total = settings.count if count_rules else (last_series_total if in_last_series else None)  # type: ignore[union-attr]
+            text += f": unanswered {view.index}" + (f"/{total}" if total else "")
+            if view.answer_lost:
+                text += f" (its answer at +{probe.answer_t - t0:.3f} s was lost before reaching the {side.role})"  # type: ignore[operator]
+        events.append((probe.t, text))
+    return events
+
+
 def _end_words(reason: str) -> str:
     return "still open at the end of the capture" if reason == "open" else END_REASONS.get(reason, reason)
 
 
 def _s(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f} s"
+
+
+def _backend_words(postgres: PostgresView | None, index: int) -> str:
+    info = None if postgres is None else postgres.connections.get(index)
+    backend = None if info is None else info.backend
+    if backend is None:
+        return ""
+    app = f" {backend.application_name!r}" if backend.application_name else ""
+    return f"pid {backend.pid}{app}"
 
 
 def postgres_server_lines(view: PostgresView) -> list[tuple[str, str]]:
@@ -453,8 +861,8 @@ def postgres_connection_lines(view: PostgresView, index: int) -> list[tuple[str,
         host = f" ({backend.client_hostname})" if backend.client_hostname else ""
         since = f" since {utc_clock(backend.state_change)}" if backend.state_change else ""
         lines.append((f"postgres: backend pid {backend.pid}, user {backend.usename}, database {backend.datname}, "
-                      f"application_name {backend.application_name!r}{host}, started {utc_clock(backend.backend_start)}, "
-                      f"state {backend.state}{since}", False))
+                      f"application_name {backend.application_name!r}{host}", False))
+        lines.append((f"postgres: started {utc_clock(backend.backend_start)}, state {backend.state}{since}", False))
     elif info.reason:
         lines.append((f"postgres: not matched: {info.reason}", False))
     for note in info.notes:
@@ -470,9 +878,28 @@ def postgres_connection_lines(view: PostgresView, index: int) -> list[tuple[str,
     return lines
 
 
-def text_console() -> Console:
-    """The console reports go to: the terminal's width, or no hard wrap below 200 columns in a pipe or file."""
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+# -- consoles ---------------------------------------------------------------------
+
+COLOR_CHOICES = ("auto", "always", "never")
+
+
+def _color_options(color: str) -> dict[str, Any]:
+    """rich's Console arguments for --color: auto (a terminal, unless NO_COLOR is set), always, never."""
+    if color == "never":
+        return {"color_system": None, "no_color": True}
+    if color == "always":
+        return {"color_system": "standard", "no_color": False}
+    return {}
+
+
+def text_console(color: str = "auto") -> Console:
+    """The console reports go to: wrapped at the terminal's width, or never wrapped in a pipe or a file."""
+    return Console(highlight=False, soft_wrap=not sys.stdout.isatty(), **_color_options(color))
+
+
+def error_console(color: str = "auto") -> Console:
+    """stderr, for warnings, alarms and progress: wrapped on a terminal only, like `text_console`."""
+    return Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty(), **_color_options(color))
 
 
 def echo_json(document: object, out: IO[str] | None = None) -> None:

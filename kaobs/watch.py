@@ -23,14 +23,14 @@ from rich.console import Console
 from rich.live import Live
 
 from analysis.expect import Expectations
-from analysis.model import ModelEvent
-from analysis.outlook import LiveMonitor
+from analysis.model import Connection, ModelEvent
+from analysis.outlook import ExpectationsFor, LiveMonitor
 from analysis.pipeline import Analysis, AnalysisRun
 from analysis.verdict import ConnectionReport
 from analysis.words import local_clock
-from kaobs.liveview import LiveHeader, alarm_line, event_line, live_view
-from kaobs.options import UserError, expectation_options, idle_cut_option, make_expectations
-from kaobs.report import echo_json, render_text, text_console, to_json
+from kaobs.liveview import BackendOf, LiveHeader, alarm_line, event_line, live_view, verdict_line
+from kaobs.options import UserError, expectation_options, idle_cut_option, make_expectations, make_output, output_options
+from kaobs.report import echo_json, error_console, render_text, text_console, to_json
 from kaobs.status import exit_status
 from sniffer.capture import LiveCapture
 from sniffer.records import CaptureError
@@ -55,27 +55,42 @@ def run_live(
     clock: Callable[[], float] = time.time,
     on_tick: Callable[[list, float], list[str]] | None = None,
     idle_cut: float | None = None,
+    expectations_for: ExpectationsFor | None = None,
+    hide: Callable[[Connection], bool] | None = None,
+    backend_of: BackendOf | None = None,
+    quiet: bool = False,
+    err: Console | None = None,
 ) -> tuple[AnalysisRun, list[ConnectionReport]]:
     """Feed the model from `capture` until `duration`, `stop`, or Ctrl-C; return the final run and reports.
 
-    `output_format` "json" shows nothing live on `console` (alarms go to
-    stderr); "text" shows a rich live table when the console is a terminal and
-    one line per event when it is not. The capture is opened if it is not
-    yet, and left open: the caller closes it (which finishes its pcap).
-    `clock` is the capture's clock (kernel timestamps are wall-clock time);
-    tests replay recorded segments with a clock of their own.
+    `output_format` "json" (or `quiet`) shows nothing live on `console`
+    (alarms go to stderr); "text" shows a rich live view when the console is
+    a terminal and one line per event when it is not. The capture is opened
+    if it is not yet, and left open: the caller closes it (which finishes its
+    pcap). `clock` is the capture's clock (kernel timestamps are wall-clock
+    time); tests replay recorded segments with a clock of their own.
+
+    `expectations_for` gives a connection's own expectations (sessions may
+    differ; default: `expectations` for all), used live and for the final
+    reports alike, so that both say the same. Connections `hide` says are
+    not the user's (kaobs's own --dsn session) are neither shown nor
+    reported. `backend_of` names a connection's backend (--dsn).
     """
     console = console or text_console()
-    err = Console(stderr=True, highlight=False)
+    err = err or error_console()
     capture.open()
     started = capture.started or clock()
     deadline = None if duration is None else started + duration
     events: list[ModelEvent] = []
     analysis = Analysis(ports, on_event=events.append, hz=hz)
     model = analysis.model
-    monitor = LiveMonitor(model, expectations, hz)
+    monitor = LiveMonitor(model, expectations, hz, expectations_for=expectations_for, hidden=hide)
     header = LiveHeader(title=title, interfaces=capture.interfaces, filter=capture.filter, started=started)
-    mode = "json" if output_format == "json" else ("table" if console.is_terminal else "lines")
+    if output_format == "json" or quiet:
+        mode = "json"
+    else:
+        mode = "table" if console.is_terminal else "lines"
+    verdicts: dict[int, str] = {}
 
     def say(line: str, alarm: bool = False) -> None:
         if mode == "lines":
@@ -83,10 +98,10 @@ def run_live(
         elif mode == "table":
             header.recent.append(line)
             del header.recent[:-50]
-            if alarm:
-                console.print(line, style="bold red", markup=False, highlight=False, soft_wrap=True)
+            if alarm:  # kept above the view, wrapped to the terminal
+                console.print(line, style="bold red", markup=False, highlight=False)
         elif alarm:
-            err.print(f"kaobs: {line}", style="bold red", markup=False, highlight=False, soft_wrap=True)
+            err.print(f"kaobs: {line}", style="bold red", markup=False, highlight=False)
 
     if mode == "lines":
         what = f"{title}: " if title else ""
@@ -114,7 +129,9 @@ def run_live(
             analysis.feed(capture.read(wait))
             if events:
                 for event in events:
-                    line = event_line(event)
+                    if hide is not None and hide(event.connection):
+                        continue
+                    line = event_line(event, monitor)
                     if line is not None:
                         say(line, alarm=" ALARM " in line)
                 events.clear()
@@ -126,11 +143,13 @@ def run_live(
                 if on_tick is not None:  # --dsn: name connections, check backends after aborts
                     for line in on_tick(model.connections, now):
                         say(line, alarm=line.startswith("postgres: FINDING"))
+                if mode == "lines":
+                    _say_verdicts(model.connections, monitor, now, verdicts, say)
             if live is not None and now - last_view >= VIEW_REFRESH_S:
                 last_view = now
                 stats = capture.stats()
                 header.packets, header.segments, header.drops = stats.packets - stats.duplicates, stats.segments, stats.drops
-                live.update(live_view(header, model, monitor, expectations, now, hz), refresh=True)
+                live.update(live_view(header, model, monitor, now, console.height, backend_of), refresh=True)
     except KeyboardInterrupt:
         pass
     finally:
@@ -140,6 +159,8 @@ def run_live(
             live.stop()
     end = clock()
     analysis.finish(end)
+    if mode == "lines":
+        _say_verdicts(model.connections, monitor, end, verdicts, say)
     stats = capture.stats()
     run = AnalysisRun(sources=[f"live:{name}" for name in capture.interfaces], hz=hz)
     run.packets = stats.packets
@@ -161,8 +182,23 @@ def run_live(
             "probes may be missing from this report")
     if mode == "lines":
         say(f"{local_clock(end)} stopped after {end - started:.1f} s: {stats.packets - stats.duplicates} packets, "
-            f"{stats.segments} TCP segments, {len(model.connections)} connection(s)")
-    return run, list(analysis.reports(expectations, end, idle_cut))
+            f"{stats.segments} TCP segments, {sum(1 for c in model.connections if not monitor.is_hidden(c))} connection(s)")
+    reports = [report for report in analysis.reports(expectations, end, idle_cut, monitor.expectations_of)
+               if hide is None or not hide(report.connection)]
+    return run, reports
+
+
+def _say_verdicts(connections: Sequence[Connection], monitor: LiveMonitor, now: float, said: dict[int, str],
+                  say: Callable[[str], None]) -> None:
+    """One line for each connection whose verdict so far changed (once it has one worth saying)."""
+    for conn in connections:
+        if monitor.is_hidden(conn):
+            continue
+        report = monitor.verdict(conn, now)
+        before = said.get(conn.index)
+        if report.verdict != before and not (before is None and report.verdict == "no_keepalive"):
+            said[conn.index] = report.verdict
+            say(verdict_line(report, now))
 
 
 # -- the command -----------------------------------------------------------------
@@ -211,7 +247,7 @@ def set_priority(niceness: int) -> None:
         pass  # no autogroup scheduling: the process priority is all there is
 
 
-@click.command()
+@click.command(short_help="Watch live Postgres traffic, then print the report.")
 @click.option("--interface", "-i", "interfaces", multiple=True, metavar="IF",
               help="Capture on this interface (repeatable): a Docker bridge, a veth, lo, eth0.")
 @click.option("--container", metavar="NAME",
@@ -228,8 +264,10 @@ def set_priority(niceness: int) -> None:
 @click.option("--nice", "niceness", type=click.IntRange(-20, 19), default=0, show_default=True, metavar="N",
               help="Run at this scheduling priority (e.g. -10) so a saturated machine does not starve the capture.")
 @idle_cut_option
+@output_options
 def watch(interfaces, container, network, expect, client_dsn, sysctls, ports, hz, output_format,
-          duration, write_path, full_packets, dsn=None, niceness=0, idle_cut=None) -> None:
+          duration, write_path, full_packets, dsn=None, niceness=0, idle_cut=None, only=(), summary=False,
+          show_all=False, quiet=False, color="auto") -> None:
     """Watch live Postgres traffic: probes, answers, aborts and alarms as they happen, then the report.
 
     Without --interface/--container/--network, captures on the Docker
@@ -239,6 +277,7 @@ def watch(interfaces, container, network, expect, client_dsn, sysctls, ports, hz
     """
     from sniffer.discovery import DiscoveryError, find_target
 
+    output = make_output(output_format, only, summary, show_all, quiet, color)
     expectations = make_expectations(expect, client_dsn, sysctls)
     if full_packets and not write_path:
         raise UserError("--full-packets only makes sense with --write FILE.pcap")
@@ -260,13 +299,16 @@ def watch(interfaces, container, network, expect, client_dsn, sysctls, ports, hz
     stop = threading.Event()
     capture = LiveCapture(target.interfaces, ports, write=write_path, full_packets=full_packets, hosts=target.hosts)
     restore = install_stop_handlers(stop, capture.stop)
-    console = text_console()
+    console = text_console(color)
     try:
         with capture:
             run, reports = run_live(
                 capture, expectations=expectations, ports=ports, hz=int(hz), output_format=output_format,
                 duration=duration, stop=stop, console=console, title=target.description,
-                on_tick=postgres.tick_lines if postgres is not None else None, idle_cut=idle_cut)
+                on_tick=postgres.tick_lines if postgres is not None else None, idle_cut=idle_cut,
+                hide=postgres.is_own if postgres is not None else None,
+                backend_of=postgres.backend_of if postgres is not None else None,
+                quiet=quiet, err=error_console(color))
     except CaptureError as error:
         raise UserError(str(error)) from None
     finally:
@@ -280,9 +322,12 @@ def watch(interfaces, container, network, expect, client_dsn, sysctls, ports, hz
         echo_json(document)
         counts = document["summary"]
     else:
-        if not console.is_terminal:
+        if not console.is_terminal and not quiet:
             console.print()
-        counts = render_text(console, run, reports, expectations, view)
+        counts = render_text(console, run, reports, expectations, view, options=output.text)
+        if view is not None and view.own_session is not None:
+            console.print(f"kaobs's own --dsn session (#{view.own_session['connection']}, client "
+                          f"{view.own_session['client']}) is left out", style="dim", markup=False, highlight=False)
         if write_path:
             console.print(f"capture written to {write_path} ({'whole packets' if full_packets else 'headers only'})")
     sys.exit(exit_status(counts, view))

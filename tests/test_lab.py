@@ -16,13 +16,18 @@ depend on user-space load, so running side by side does not blur them.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
 import re
+import select
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -56,6 +61,12 @@ SCENARIOS: dict[str, list[str]] = {
     "wrong_expectation": [*SEED, "--expect", "tcp_keepalives_idle=5", "--expect", "tcp_keepalives_interval=2",
                           "--expect", "tcp_keepalives_count=3"],
 }
+LIVE_COLUMNS, LIVE_ROWS = 100, 30
+LIVE_SCENARIOS: dict[str, tuple[list[str], bool]] = {
+    # the per-session scenario as a person watches it: in a pipe (one line per event) and on a terminal
+    "per_session_lines": (SCENARIOS["per_session"], False),
+    "per_session_terminal": (SCENARIOS["per_session"], True),
+}
 
 
 @dataclass
@@ -65,6 +76,7 @@ class LabResult:
     report: dict | None
     stderr: str
     seconds: float
+    text: str = ""  # the text output (live part, then the report), for the live scenarios
 
     def explain(self) -> str:
         return f"kaobs lab ({self.name}) exit {self.returncode} after {self.seconds:.1f} s; stderr:\n{self.stderr[-3000:]}"
@@ -79,6 +91,60 @@ def kaobs_lab(args: list[str], name: str) -> LabResult:
     if done.stdout.strip():
         report = json.loads(done.stdout)
     return LabResult(name, done.returncode, report, done.stderr, time.monotonic() - started)
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def kaobs_lab_text(args: list[str], name: str, terminal: bool) -> LabResult:
+    """`kaobs lab ARGS` with its text output to a pipe, or to a terminal (a pty of LIVE_COLUMNS x LIVE_ROWS)."""
+    started = time.monotonic()
+    env = dict(os.environ, KAOBS_LAB_IMAGE=IMAGE)
+    env.pop("COLUMNS", None)
+    env.pop("LINES", None)
+    command = [sys.executable, "-m", "kaobs", "lab", *args]
+    if not terminal:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env)
+        return LabResult(name, done.returncode, None, done.stderr, time.monotonic() - started, done.stdout)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", LIVE_ROWS, LIVE_COLUMNS, 0, 0))
+    with tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=slave, stderr=err, env=env)
+        os.close(slave)
+        chunks: list[bytes] = []
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        try:
+            while time.monotonic() < deadline:
+                ready, _, _ = select.select([master], [], [], 1.0)
+                if not ready:
+                    if process.poll() is not None:
+                        break
+                    continue
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            returncode = process.wait(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+            os.close(master)
+        err.seek(0)
+        stderr = err.read()
+    raw = b"".join(chunks).decode(errors="replace").replace("\x1b[2K", "\n")  # rich erases a frame line by line
+    text = ANSI.sub("", raw).replace("\r", "")
+    return LabResult(name, returncode, None, stderr, time.monotonic() - started, text)
+
+
+def run_scenario(name: str) -> LabResult:
+    if name in LIVE_SCENARIOS:
+        args, terminal = LIVE_SCENARIOS[name]
+        return kaobs_lab_text(args, name, terminal)
+    return kaobs_lab(SCENARIOS[name], name)
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -101,7 +167,7 @@ def lab_runs(request):
     for item in request.session.items:
         name = getattr(getattr(item, "function", None), "lab_scenario", None)
         if name and name not in _futures:
-            _futures[name] = _pool.submit(kaobs_lab, SCENARIOS[name], name)
+            _futures[name] = _pool.submit(run_scenario, name)
     yield
     _pool.shutdown(wait=True, cancel_futures=True)
     _futures.clear()
@@ -110,7 +176,7 @@ def lab_runs(request):
 def result_of(name: str) -> LabResult:
     if name not in _futures:
         assert _pool is not None
-        _futures[name] = _pool.submit(kaobs_lab, SCENARIOS[name], name)
+        _futures[name] = _pool.submit(run_scenario, name)
     result = _futures[name].result(timeout=RUN_TIMEOUT_S * 3)
     print(f"\n{name}: exit {result.returncode} in {result.seconds:.1f} s")
     return result
@@ -256,6 +322,57 @@ def test_per_session_settings_on_two_connections_at_once():
     ends = [c["end"] for c in report["connections"]]
     assert max(first_probes) < min(ends)
     assert_cleaned_up(report)
+
+
+FINAL_HEADLINE = re.compile(r"^#(\d+) (MATCH|MISMATCH|UNVERIFIED|NO_KEEPALIVE)  \S+ -> \S+$")
+TRUE_ALARM = re.compile(r" ALARM #\d+ server: \d+ of 2 probes unanswered, abort expected at ")
+
+
+def final_verdicts(text: str) -> dict[str, str]:
+    return {m.group(1): m.group(2) for m in map(FINAL_HEADLINE.match, text.splitlines()) if m}
+
+
+def assert_only_true_alarms(text: str) -> None:
+    """The vanished client's unanswered probes are the only thing worth an alarm: no probe overdue, no
+    contradicted event, no abort missing (each session runs its own idle; both are judged with it)."""
+    alarms = [line for line in text.splitlines() if " ALARM " in line]
+    assert alarms, "the vanished client's unanswered probes should raise an alarm"
+    false = [line for line in alarms if not TRUE_ALARM.search(line)]
+    assert false == [], false
+
+
+@uses("per_session_lines")
+def test_live_lines_agree_with_the_final_report_on_per_session_settings():
+    """`kaobs lab` to a pipe with sessions of idle 2 s (options=-c) and 4 s (SET): live and final agree."""
+    result = result_of("per_session_lines")
+    assert result.returncode == 0, result.explain() + result.text
+    text = result.text
+    assert_only_true_alarms(text)
+    live: dict[str, list[str]] = {}
+    for found in re.finditer(r" #(\d+) so far: ([A-Z_]+) ", text):
+        live.setdefault(found.group(1), []).append(found.group(2))
+    final = final_verdicts(text)
+    assert final == {"1": "MATCH", "2": "MATCH"}, text
+    assert {index: verdicts[-1] for index, verdicts in live.items()} == final, live
+    assert all("MISMATCH" not in verdicts for verdicts in live.values()), live
+
+
+@uses("per_session_terminal")
+def test_live_table_agrees_with_the_final_report_on_per_session_settings():
+    """The same on a terminal of 100 x 30: every frame of the table, and nothing wider than the terminal."""
+    result = result_of("per_session_terminal")
+    assert result.returncode == 0, result.explain() + result.text
+    text = result.text
+    assert_only_true_alarms(text)
+    headings = re.findall(r"^#(\d+) ([A-Z_]+) so far  ", text, flags=re.MULTILINE)
+    assert {index for index, _ in headings} == {"1", "2"}, text
+    assert all(verdict != "MISMATCH" for _, verdict in headings), headings
+    last = {index: verdict for index, verdict in headings}
+    final = final_verdicts(text)
+    assert final == {"1": "MATCH", "2": "MATCH"} == last, (last, final)
+    assert "Ctrl-C: stop and print the report" in text  # the footer was on screen
+    wide = [line for line in text.splitlines() if len(line) > LIVE_COLUMNS]
+    assert wide == [], wide
 
 
 @uses("kernel_defaults")

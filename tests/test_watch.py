@@ -101,12 +101,15 @@ def test_event_lines_name_probes_answers_and_the_abort_in_order():
     assert "new connection" in text[0] and "10.9.0.2:41000 -> 10.9.0.1:5432" in text[0]
     probes = [line for line in text if "server keepalive probe" in line]
     assert len(probes) == 5
-    assert "3.012 s after last accepted" in probes[0]  # 3.054 - 0.042
-    answers = [line for line in text if "client answered server probe #1" in line]
-    assert len(answers) == 2
+    assert "3.012 s after the last packet it accepted" in probes[0]  # 3.054 - 0.042
+    answers = [line for line in text if "client answered server probe" in line]
+    assert [a.split("server probe ")[1][0] for a in answers] == ["1", "2"]
     assert "ABORT (RST) after 3 unanswered" in text[-1]
-    # the series restarts after each answer: the last three probes are #1, #2, #3
-    assert [p.split("probe #")[1][0] for p in probes] == ["1", "1", "1", "2", "3"]
+    # numbered across the connection, as the final report does; the series (restarting after each
+    # answer) is its own count: probes 4 and 5 are the 2nd and 3rd of the last series
+    assert [p.split("keepalive probe ")[1][0] for p in probes] == ["1", "2", "3", "4", "5"]
+    assert "2 in the series (1 unanswered before it)" in probes[3]
+    assert "3 in the series (2 unanswered before it)" in probes[4]
 
 
 def test_mid_connection_start_is_not_called_new():
@@ -128,7 +131,7 @@ def test_run_live_prints_events_and_alarms_as_lines_with_wall_clock_times():
     assert "3 of 3 probes unanswered" in alarms[1]
     assert "should have aborted" in alarms[2]
     # the peer-silent alarm comes right after the second unanswered probe, before the third
-    third_probe = next(i for i, line in enumerate(out) if "keepalive probe #3" in line)
+    third_probe = next(i for i, line in enumerate(out) if "keepalive probe 5" in line)
     assert out.index(alarms[0]) < third_probe < out.index(alarms[1]) < out.index(alarms[2])
     # raised within the 0.25 s alarm check period of the probe that made it true
     assert alarms[0].startswith("22:13:31.") or alarms[0][:8] == out[third_probe - 1][:8]
@@ -219,23 +222,23 @@ def test_live_table_shows_probes_unanswered_and_due_times():
     expectations = build_expectations(SEED_EXPECT)
     monitor = LiveMonitor(model, expectations)
     console = Console(record=True, width=140, color_system=None)
-    console.print(live_table(model, monitor, expectations, conv.t0 + 11.2))
+    console.print(live_table(model, monitor, conv.t0 + 11.2))
     text = console.export_text()
     server_row = next(line for line in text.splitlines() if line.strip().startswith("server"))
-    cells = server_row.split()
-    assert cells[1] == "4" and cells[2] == "2"  # 4 keepalive probes so far, 2 unanswered in this series
-    assert "(in 1.9 s)" in server_row  # next probe at 13.098
-    assert "(in 3.9 s)" in server_row  # abort at 15.098
-    assert "#1 10.9.0.2:41000 -> 10.9.0.1:5432" in text and "open" in text
+    assert "4 probes, 2/3 unanswered" in server_row  # 4 keepalive probes so far, 2 of the count of 3 unanswered
+    assert "next probe" in server_row and "(in 1.9 s)" in server_row  # next probe at 13.098
+    assert "abort expected" in server_row and "(in 3.9 s)" in server_row  # abort at 15.098
+    assert "#1 MATCH so far  10.9.0.2:41000 -> 10.9.0.1:5432" in text and "open" in text
+    assert not any(line.strip().startswith("client") for line in text.splitlines())  # nothing to show: no row
 
 
 def test_live_view_without_connections_and_with_drops():
     model = KeepaliveModel()
     header = LiveHeader(title="t", interfaces=["br-x"], filter="tcp port 5432", started=100.0, packets=3, drops=7)
     console = Console(record=True, width=140, color_system=None)
-    console.print(live_view(header, model, LiveMonitor(model, None), None, 112.0))
+    console.print(live_view(header, model, LiveMonitor(model, None), 112.0))
     text = console.export_text()
-    assert "no Postgres connection seen yet" in text and "7 dropped by the kernel" in text and "12.0 s elapsed" in text
+    assert "no Postgres connection seen yet" in text and "7 dropped by the kernel" in text and "12.0 s on br-x: 0 connection(s), 3 packets" in text
 
 
 def test_live_view_caps_the_number_of_connections():
@@ -245,15 +248,15 @@ def test_live_view_caps_the_number_of_connections():
         conv.client.port = 40000 + i
         model.feed_all(conv.handshake(float(i)).segments)
     console = Console(record=True, width=140, color_system=None)
-    console.print(live_table(model, LiveMonitor(model, None), None, Conversation().t0 + 40, max_rows=5))
+    console.print(live_table(model, LiveMonitor(model, None), Conversation().t0 + 40, max_rows=5))
     text = console.export_text()
-    assert "25 more connection(s)" in text
-    assert "#30 " in text and "#1 " not in text  # the most recently active are shown
+    assert "26 more connection(s)" in text  # 4 one-line connections and the line that counts the rest
+    assert "#30 " in text and "#1 " not in text  # equally quiet: the most recently active are shown
 
 
 def test_terminal_mode_draws_the_table():
     _, _, text, _ = replay(seed_conversation(), terminal=True, duration=12.0)
-    assert "so far:" in text and "abort expected" in text
+    assert "MATCH so far" in text and "abort expected" in text
 
 
 def test_alarm_line_has_the_raise_time():
@@ -453,7 +456,7 @@ def test_watch_lines_alarm_and_sigterm_give_the_final_report_and_a_valid_pcap(tm
     lines = rest.splitlines()
     assert any("new connection" in line for line in lines)
     assert sum("server keepalive probe" in line for line in lines) >= 3
-    assert any("client answered server probe #1" in line for line in lines)
+    assert any("client answered server probe 1 " in line for line in lines)
     [alarm] = [line for line in lines if " ALARM " in line]
     assert "2 of 2 probes unanswered" in alarm
     abort = next(i for i, line in enumerate(lines) if "server ABORT (RST) after 2 unanswered" in line)

@@ -17,12 +17,13 @@ import os
 import signal
 import sys
 import threading
-from typing import Sequence
+from typing import Callable, Sequence
 
 import click
-from rich.console import Console
 
 from analysis.expect import Expectations, build_expectations
+from analysis.model import Connection
+from analysis.path import PathSummary
 from analysis.pipeline import AnalysisRun, tally
 from analysis.settings import LIBPQ_KEYWORDS, ExpectationError
 from analysis.verdict import ConnectionReport, judge_connection
@@ -52,8 +53,8 @@ from kaobs.lab.scenario import (
     sysctl_items,
     vanishing_side,
 )
-from kaobs.options import UserError, expectation_options, idle_cut_option
-from kaobs.report import echo_json, render_text, text_console, to_json
+from kaobs.options import Output, UserError, expectation_options, idle_cut_option, make_output, output_options
+from kaobs.report import TextOptions, echo_json, error_console, render_text, text_console, to_json
 from kaobs.status import exit_status
 from kaobs.watch import run_live
 from sniffer.records import CaptureError
@@ -92,16 +93,40 @@ def lab_expectations(lab: LabRun, client_endpoint: str, user: tuple[Sequence[str
     return Expectations(server, client)
 
 
+def live_expectations(lab: LabRun, user) -> Callable[[Connection], Expectations]:
+    """Each connection's own expectation while the lab runs, as `rejudge` will judge it at the end.
+
+    A connection's session is known once the client said which port it
+    connected from; until then the first session's expectation stands in, and
+    the connection is looked up again. Cached per client endpoint.
+    """
+    cache: dict[str, tuple[bool, Expectations]] = {}
+
+    def of(conn: Connection) -> Expectations:
+        endpoint = conn.client.endpoint
+        known = endpoint in lab.sessions_by_port
+        hit = cache.get(endpoint)
+        if hit is None or hit[0] != known:
+            hit = cache[endpoint] = (known, lab_expectations(lab, endpoint, user))
+        return hit[1]
+
+    return of
+
+
 def rejudge(lab: LabRun, run: AnalysisRun, reports: list[ConnectionReport], user, hz: int) -> list[ConnectionReport]:
     """Judge each connection against its own session's expectation (sessions can differ)."""
     end = run.capture_end if run.capture_end is not None else 0.0
+    path = PathSummary()  # what the capture shows of the path, as the first judging saw it
+    for report in reports:
+        path.add(report.connection, report.path_cut)
     out = []
     for report in reports:
         conn = report.connection
         exp = lab_expectations(lab, conn.client.endpoint, user)
         server = exp.server if exp.server.judged() else None
         client = exp.client if exp.client.judged() else None
-        out.append(judge_connection(conn, server, client, end, hz, lab.scenario.idle_cut))
+        forgets = path.forgets_after(conn.client.address, conn.server.address)
+        out.append(judge_connection(conn, server, client, end, hz, lab.scenario.idle_cut, forgets))
     return out
 
 
@@ -137,16 +162,17 @@ def lab_json(lab: LabRun, image: str) -> dict:
     }
 
 
-@click.command()
+@click.command(short_help="Run the keepalive experiment live in Docker, then clean up.")
 @click.option("--image", default=lambda: os.environ.get(IMAGE_ENV, DEFAULT_IMAGE), show_default=f"${IMAGE_ENV} or {DEFAULT_IMAGE}",
               help="Postgres image (official interface); never pulled. CI uses kaobs/postgres:15-local.")
 @click.option("--tcp-keepalives-idle", "idle", default=None, metavar="VALUE",
               help="Server GUC tcp_keepalives_idle (Postgres units; 0 = kernel default). Default 3, or 1.5 x "
                    "--idle-cut with a middlebox fault (probes that come too late).")
 @click.option("--tcp-keepalives-interval", "interval", default=None, metavar="VALUE",
-              help="Server GUC tcp_keepalives_interval. Default 2, or 1 with a middlebox fault.")
+              help="Server GUC tcp_keepalives_interval (Postgres units; 0 = kernel default). Default 2, or 1 with a "
+                   "middlebox fault.")
 @click.option("--tcp-keepalives-count", "count", default=None, metavar="VALUE",
-              help="Server GUC tcp_keepalives_count. Default 3.")
+              help="Server GUC tcp_keepalives_count (0 = kernel default). Default 3.")
 @click.option("--tcp-user-timeout", "user_timeout", default=None, metavar="VALUE", help="Server GUC tcp_user_timeout (ms).")
 @click.option("-c", "settings", multiple=True, metavar="NAME=VALUE", help="Any server setting, as postgres -c. Repeatable.")
 @click.option("--server-sysctl", multiple=True, metavar="NAME=N",
@@ -174,9 +200,10 @@ def lab_json(lab: LabRun, image: str) -> dict:
 @click.option("--full-packets", is_flag=True, help="With --write, keep whole packets.")
 @expectation_options
 @idle_cut_option
+@output_options
 def lab(image, idle, interval, count, user_timeout, settings, server_sysctl, client_sysctl, libpq, sessions, fault,
         answered, fault_after, duration, write_path, full_packets, expect, client_dsn, sysctls, ports, hz,
-        output_format, idle_cut) -> None:
+        output_format, idle_cut=None, only=(), summary=False, show_all=False, quiet=False, color="auto") -> None:
     """Run the seed's experiment live in Docker: probes, fault, abort, verdict; then clean up.
 
     Needs root and a Docker engine. The report is judged against the
@@ -184,6 +211,7 @@ def lab(image, idle, interval, count, user_timeout, settings, server_sysctl, cli
     otherwise. Exit 0 when nothing contradicts them, 1 when something
     does, 2 when the lab cannot run.
     """
+    output = make_output(output_format, only, summary, show_all, quiet, color)
     if full_packets and not write_path:
         raise UserError("--full-packets only makes sense with --write FILE.pcap")
     if len(ports) > 1:
@@ -202,20 +230,23 @@ def lab(image, idle, interval, count, user_timeout, settings, server_sysctl, cli
     except (LabError, ExpectationError) as error:
         raise UserError(str(error)) from None
     sys.exit(run_lab(scenario, image, user=user, hz=int(hz), output_format=output_format, write_path=write_path,
-                     full_packets=full_packets, fault_label=fault))
+                     full_packets=full_packets, fault_label=fault, output=output))
 
 
 def run_lab(scenario: Scenario, image: str, *, user, hz: int, output_format: str, write_path: str | None,
-            full_packets: bool, fault_label: str) -> int:
+            full_packets: bool, fault_label: str, output: Output | None = None) -> int:
     """Set up, run live, judge, print, clean up. Returns the exit status; raises UserError when the lab fails."""
-    console = text_console()
-    err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
+    output = output or Output(TextOptions())
+    console = text_console(output.color)
+    err = error_console(output.color)
     text = output_format != "json"
     show = console if text else err
 
     def on_event(event: LabEvent) -> None:
+        if output.quiet and event.kind != "error":
+            return
         style = {"fault": "bold magenta", "error": "bold red", "setup": "dim"}.get(event.kind, "cyan")
-        show.print(f"lab: {event.message}", style=style, markup=False, highlight=False, soft_wrap=True)
+        show.print(f"lab: {event.message}", style=style, markup=False, highlight=False)
 
     def interrupt(signum, frame):  # noqa: ARG001
         raise KeyboardInterrupt
@@ -237,14 +268,15 @@ def run_lab(scenario: Scenario, image: str, *, user, hz: int, output_format: str
                                   "comes back after the server's abort"}.get(
         fault_label, f"the {gone} vanishes after {scenario.fault_after_answered} answered probe(s)")
     end = expected_end(scenario)
-    show.print(f"kaobs lab: {image}, {len(scenario.sessions)} session(s), {plan}; "
-               + (f"expected to end ~{end:.0f} s after the client goes idle" if end and end <= lab.bound
-                  else f"runs up to {lab.bound:.0f} s"),
-               style="bold", markup=False, highlight=False)
+    say = (lambda *args, **kwargs: None) if output.quiet else show.print  # the plan is not the report
+    say(f"kaobs lab: {image}, {len(scenario.sessions)} session(s), {plan}; "
+        + (f"expected to end ~{end:.0f} s after the client goes idle" if end and end <= lab.bound
+           else f"runs up to {lab.bound:.0f} s"),
+        style="bold", markup=False, highlight=False)
     if end and end > lab.bound:
-        show.print(f"lab: these settings end the connection only after ~{end:.0f} s (kernel defaults?); the lab stops "
-                   f"after {lab.bound:.0f} s: set the timers in seconds, or --server-sysctl/--client-sysctl",
-                   style="yellow", markup=False, highlight=False)
+        say(f"lab: these settings end the connection only after ~{end:.0f} s (kernel defaults?); the lab stops "
+            f"after {lab.bound:.0f} s: set the timers in seconds, or --server-sysctl/--client-sysctl",
+            style="yellow", markup=False, highlight=False)
     interrupted = False
     result: tuple[AnalysisRun, list[ConnectionReport]] | None = None
     try:
@@ -255,7 +287,8 @@ def run_lab(scenario: Scenario, image: str, *, user, hz: int, output_format: str
                 run, reports = run_live(
                     capture, expectations=lab.default_expectations(), ports=[scenario.port], hz=hz,
                     output_format=output_format, duration=lab.bound + 10, stop=lab.stop_event, console=console,
-                    title=f"kaobs lab {lab.env.run_id}", idle_cut=scenario.idle_cut)
+                    title=f"kaobs lab {lab.env.run_id}", idle_cut=scenario.idle_cut,
+                    expectations_for=live_expectations(lab, user), quiet=output.quiet, err=err)
             if lab.error:
                 raise LabError(lab.error)
             result = run, rejudge(lab, run, reports, user, hz)
@@ -280,14 +313,15 @@ def run_lab(scenario: Scenario, image: str, *, user, hz: int, output_format: str
         document["lab"] = lab_json(lab, image)
         echo_json(document)
     else:
-        if not console.is_terminal:
+        if not console.is_terminal and not output.quiet:
             console.print()
-        render_text(console, run, reports, expectations)
+        render_text(console, run, reports, expectations, options=output.text)
         user_expect, user_client_dsn, _ = user
         if gone and not (user_client_dsn if gone == "client" else user_expect):
             console.print(f"the {gone}'s own keepalive settings are not judged: it vanished, so what its kernel "
                           "did after that never reached the wire", markup=False, highlight=False)
         if write_path:
             console.print(f"capture written to {write_path} ({'whole packets' if full_packets else 'headers only'})")
-        err.print(f"lab: removed the containers and network of run {lab.env.run_id}", style="dim", highlight=False)
+        if not output.quiet:
+            err.print(f"lab: removed the containers and network of run {lab.env.run_id}", style="dim", highlight=False)
     return exit_status(tally(reports))
