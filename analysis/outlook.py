@@ -49,6 +49,10 @@ from analysis.words import local_clock
 ALARM_GRACE_S = 1.0
 STALL_ALARM_S = 2.0
 """Data unacknowledged this long (and resent twice) is a stall worth an alarm."""
+CAPTURE_LAG_S = 0.5
+"""How far behind the clock the packets read so far may be (the ring hands blocks over every 50 ms, the
+loop polls every 100 ms, a loaded machine adds more): a verdict so far says an event "did not come" only
+once this has passed too, or a probe still in a ring block reads as missing for a moment."""
 VERDICT_REFRESH_S = 1.0
 """A verdict is judged again at most this often when nothing but the time changed."""
 
@@ -147,8 +151,10 @@ class LiveMonitor:
             return cached[1]
         server = expectations.server if expectations is not None else None
         client = expectations.client if expectations is not None else None
-        report = judge_connection(conn, server, client, now, self.hz)
-        self._verdicts[conn.index] = (key, report, max(self._recheck_at(conn, now), now + VERDICT_REFRESH_S))
+        as_of = max(now - CAPTURE_LAG_S, conn.end)  # what has surely been read by now
+        report = judge_connection(conn, server, client, as_of, self.hz)
+        self._verdicts[conn.index] = (key, report, max(self._recheck_at(conn, as_of) + CAPTURE_LAG_S,
+                                                       now + VERDICT_REFRESH_S))
         return report
 
     def _recheck_at(self, conn: Connection, now: float) -> float:

@@ -355,7 +355,8 @@ def judge_side(
         unseen = (f"not seen here after +{cut.t - conn.start:.3f} s: the path cut the connection ({cut.kind})"
                   if not cut.inferred else f"not seen here after +{cut.t - conn.start:.3f} s: the path forgets "
                   f"connections idle that long") if hidden and cut is not None else None
-        report.findings = _findings(role, expectation, settings, observed, abort, checks, unseen)
+        report.findings = _findings(role, expectation, settings, observed, abort, checks, unseen,
+                                    _give_up_seen(stalls))
     return report
 
 
@@ -375,6 +376,15 @@ def _stall_checks(stalls: list[StallReport], t0: float) -> list[Check]:
     return checks
 
 
+def _give_up_seen(stalls: list[StallReport]) -> str | None:
+    """A silent give-up with data in flight, as the time it took from the first retransmission (the kernel's clock)."""
+    for stall in stalls:
+        if stall.outcome == GAVE_UP and stall.gave_up_between is not None and stall.retrans_stamp is not None:
+            low, high = (t - stall.retrans_stamp for t in stall.gave_up_between)
+            return f"gave up {low:.1f}-{high:.1f} s"
+    return None
+
+
 def _idle_cut_check(idle: float, idle_cut: float) -> Check:
     """--idle-cut: a first probe that comes after the path has forgotten the connection comes too late."""
     return Check("idle", False, None, f"the first probe comes {idle:g} s after the last packet, but the path forgets "
@@ -389,6 +399,7 @@ def _findings(
     abort: Abort | None,
     checks: list[Check],
     unseen: str | None = None,
+    give_up_seen: str | None = None,
 ) -> list[Finding]:
     findings: list[Finding] = []
     for key in (ENABLED_KEY, *(s.key for s in SETTINGS)):
@@ -406,6 +417,8 @@ def _findings(
             expected_text = _format_expected(key, value, source)
             seen = getattr(observed, key)
             observed_text = "-" if seen is None else BY_KEY[key].observed_text(seen)
+            if seen is None and key == "user_timeout" and give_up_seen is not None:
+                observed_text = give_up_seen
         mine = [c for c in checks if c.setting == key]
         if any(not c.ok for c in mine):
             bad = next(c for c in mine if not c.ok)
