@@ -5,6 +5,7 @@ it and none of them imports another's command module.
 """
 from __future__ import annotations
 
+import math
 import sys
 from typing import NoReturn, Sequence
 
@@ -23,6 +24,19 @@ class UserError(Exception):
 def fail(message: str) -> NoReturn:
     click.echo(f"kaobs: error: {message}", err=True)
     sys.exit(ExitStatus.ERROR)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A FloatRange that also refuses nan and inf: ``nan < 0.1`` is False, so click's range lets nan through.
+
+    A duration of nan never ends (``now >= start + nan`` is never true).
+    """
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def expectation_options(function):

@@ -29,7 +29,7 @@ from analysis.pipeline import Analysis, AnalysisRun
 from analysis.verdict import ConnectionReport
 from analysis.words import local_clock
 from kaobs.liveview import LiveHeader, alarm_line, event_line, live_view
-from kaobs.options import UserError, expectation_options, make_expectations
+from kaobs.options import FiniteFloatRange, UserError, expectation_options, make_expectations
 from kaobs.report import echo_json, render_text, text_console, to_json
 from kaobs.status import exit_status
 from sniffer.capture import LiveCapture
@@ -217,7 +217,7 @@ def set_priority(niceness: int) -> None:
               help="Capture the traffic of this Docker container (its bridge, filtered on its address).")
 @click.option("--network", metavar="NAME", help="Capture on this Docker network's bridge.")
 @expectation_options
-@click.option("--duration", type=click.FloatRange(min=0.1), metavar="S",
+@click.option("--duration", type=FiniteFloatRange(min=0.1), metavar="S",
               help="Stop after S seconds (default: until Ctrl-C or SIGTERM).")
 @click.option("--write", "write_path", metavar="FILE.pcap", type=click.Path(dir_okay=False),
               help="Keep the capture in a pcap file: headers only unless --full-packets.")

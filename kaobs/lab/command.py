@@ -49,7 +49,7 @@ from kaobs.lab.scenario import (
     sysctl_items,
     vanishing_side,
 )
-from kaobs.options import UserError, expectation_options
+from kaobs.options import FiniteFloatRange, UserError, expectation_options
 from kaobs.report import echo_json, render_text, text_console, to_json
 from kaobs.status import exit_status
 from kaobs.watch import run_live
@@ -155,9 +155,9 @@ def lab_json(lab: LabRun, image: str) -> dict:
                    "client-stops-reading: a large result never read (zero-window probes); none.")
 @click.option("--answered", type=click.IntRange(0, 100), default=2, show_default=True,
               help="The fault comes after this many answered probes of the side that must notice it.")
-@click.option("--fault-after", type=click.FloatRange(0, 600), default=None, metavar="S",
+@click.option("--fault-after", type=FiniteFloatRange(0, 600), default=None, metavar="S",
               help="Bound on that wait: the fault comes S seconds after the client went idle at the latest.")
-@click.option("--duration", type=click.FloatRange(1, 600), default=None, metavar="S",
+@click.option("--duration", type=FiniteFloatRange(1, 600), default=None, metavar="S",
               help="Stop S seconds after the client went idle at the latest (default: from the settings).")
 @click.option("--write", "write_path", metavar="FILE.pcap", type=click.Path(dir_okay=False),
               help="Keep the capture: headers only unless --full-packets.")
