@@ -17,7 +17,7 @@ from analysis.expect import Expectations
 from analysis.model import Connection, KeepaliveModel, ModelEvent, RetiredStore
 from analysis.tolerance import DEFAULT_HZ
 from analysis.verdict import VERDICTS, ConnectionReport, judge_connection
-from sniffer.records import Record, TcpSegment
+from sniffer.records import Record, TcpSegment, flow_endpoints
 
 
 @dataclass(slots=True)
@@ -37,6 +37,16 @@ class AnalysisRun:
     """Live capture only: packets the kernel dropped before kaobs could read them (None for files)."""
     capture_path: str | None = None
     """Live capture only: how packets were read ("ring": mmap'd TPACKET_V3 ring, "socket": recvmsg per packet)."""
+    filter: dict | None = None
+    """The user's filter: {"expression", "since", "until", "filtered_out"} (filtered_out None live: the kernel filtered)."""
+    cut_by_snaplen: int = 0
+    """Packets a snaplen cut before their TCP header: not analysed (a warning says the snaplen to use)."""
+    untimed_packets: int = 0
+    """Packets without a timestamp (pcapng Simple Packet Blocks): not analysed, their connections not judged."""
+    unsupported_packets: int = 0
+    """Packets on pcapng interfaces of a link type kaobs does not read: skipped."""
+    time_backwards: int = 0
+    """Packets whose time is earlier than one before them in the same file."""
 
 
 class Analysis:
@@ -51,6 +61,12 @@ class Analysis:
         self.model = KeepaliveModel(ports, on_event=on_event, retired=retired)
         self.retired = retired
         self.hz = hz
+        self.untimed: set[tuple[str, int, str, int]] = set()
+        """(src, sport, dst, dport) of packets that had no timestamp: their connections are not judged."""
+
+    def note_untimed(self, flows: Iterable[bytes]) -> None:
+        """Flows (record flow keys) with packets that could not be timed (pcapng Simple Packet Blocks)."""
+        self.untimed.update(flow_endpoints(flow) for flow in flows)
 
     def feed(self, records: Iterable[Record]) -> None:
         self.model.feed_records(records)
@@ -81,16 +97,30 @@ class Analysis:
     def reports(self, expectations: Expectations | None, capture_end: float | None = None) -> Iterator[ConnectionReport]:
         """Each connection judged as of `capture_end` (default: the end of the capture), one at a time."""
         return judge_in_order(self.connections(), expectations,
-                              self.capture_end if capture_end is None else capture_end, self.hz)
+                              self.capture_end if capture_end is None else capture_end, self.hz, self.untimed)
 
 
 def judge_in_order(connections: Iterable[Connection], expectations: Expectations | None, capture_end: float,
-                   hz: int = DEFAULT_HZ) -> Iterator[ConnectionReport]:
-    """Judge connections one at a time against the expectations of both sides."""
+                   hz: int = DEFAULT_HZ, untimed: set[tuple[str, int, str, int]] = frozenset()
+                   ) -> Iterator[ConnectionReport]:
+    """Judge connections one at a time against the expectations of both sides.
+
+    A connection with packets that could not be timed (in `untimed`) is
+    shown as it was seen but judged against nothing: what is missing from
+    its timeline could be any probe.
+    """
     server = expectations.server if expectations is not None else None
     client = expectations.client if expectations is not None else None
     for conn in connections:
-        yield judge_connection(conn, server, client, capture_end, hz)
+        if untimed and _has_untimed(conn, untimed):
+            yield judge_connection(conn, None, None, capture_end, hz)
+        else:
+            yield judge_connection(conn, server, client, capture_end, hz)
+
+
+def _has_untimed(conn: Connection, untimed: set[tuple[str, int, str, int]]) -> bool:
+    s, c = conn.server, conn.client
+    return (c.address, c.port, s.address, s.port) in untimed or (s.address, s.port, c.address, c.port) in untimed
 
 
 def tally(reports: Iterable[ConnectionReport]) -> dict[str, int]:

@@ -99,6 +99,10 @@ def _document(
             "warnings": run.warnings,
             "kernel_drops": run.kernel_drops,
             "capture_path": run.capture_path,
+            "filter": run.filter,
+            "unreadable_packets": {"cut_by_snaplen": run.cut_by_snaplen, "untimed": run.untimed_packets,
+                                   "unsupported_link_type": run.unsupported_packets},
+            "time_backwards": run.time_backwards,
         },
         "expectations": _expectations_json(expectations),
         "timer_hz": run.hz,
@@ -204,11 +208,20 @@ def render_text(
         counts[report.verdict] += 1
         total += 1
     if not total:
-        console.print(f"No Postgres connection in {', '.join(run.sources)} ({run.segments} TCP segments, none on the server port).")
+        console.print(f"No Postgres connection in {', '.join(run.sources)} ({run.segments} TCP segments, none on the "
+                      f"server port{_filtered_words(run)}).")
         return counts
     parts = [f"{n} {v}" for v, n in counts.items() if n]
-    console.print(f"{total} connection(s): " + ", ".join(parts) + f"  [{run.packets} packets, {run.segments} TCP segments]")
+    console.print(f"{total} connection(s): " + ", ".join(parts) + f"  [{run.packets} packets, {run.segments} TCP segments"
+                  + _filtered_words(run) + "]")
     return counts
+
+
+def _filtered_words(run: AnalysisRun) -> str:
+    """What the user's filter left out, for the summary line (nothing without a filter)."""
+    if run.filter is None or run.filter.get("filtered_out") is None:
+        return ""
+    return f", {run.filter['filtered_out']} left out by the filter"
 
 
 def render_connection(
@@ -282,7 +295,8 @@ def timeline(report: ConnectionReport) -> list[str]:
                 (first.t, f"{side.role} zero-window probes x{len(window_probes)} +{first.t - t0:.3f}..+{last.t - t0:.3f} s (persist timer, not keepalive)")
             )
         if side.abort is not None:
-            events.append((side.abort.t, f"{side.role} ABORT (RST) after {side.abort.unanswered_probes} unanswered probe(s): {side.abort.reason}"))
+            least = "" if side.abort.since_accepted is not None else "at least "  # the series began before the capture
+            events.append((side.abort.t, f"{side.role} ABORT (RST) after {least}{side.abort.unanswered_probes} unanswered probe(s): {side.abort.reason}"))
         elif endpoint.reset is not None:
             events.append((endpoint.reset.t, f"{side.role} RST (not a keepalive abort)"))
         if endpoint.fin_t is not None:
