@@ -72,6 +72,46 @@ def make_expectations(expect: Sequence[str], client_dsn: str | None, sysctls: Se
         raise UserError(str(error)) from None
 
 
+class FileMode(click.ParamType):
+    """Permissions in octal, as chmod takes them (600, 0640, 0o644)."""
+
+    name = "mode"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().removeprefix("0o")
+        if not re.fullmatch(r"[0-7]{1,4}", text) or int(text, 8) > 0o777:
+            self.fail(f"{value!r} is not a file mode: give it in octal, as chmod takes it (600, 640, 644)", param, ctx)
+        return int(text, 8)
+
+
+def write_mode_option(function):
+    """--write-mode, for the commands that --write a capture (watch, lab)."""
+    return click.option(
+        "--write-mode", type=FileMode(), default="600", show_default=True, metavar="MODE",
+        help="Permissions of the --write file, in octal: only its owner may read it unless you say otherwise "
+             "(a capture says who talked to the database; with --full-packets it holds queries and passwords).",
+    )(function)
+
+
+def filter_expression(words: Sequence[str]) -> str | None:
+    """tcpdump's filter expression from the command's trailing words (``kaobs watch tcp port 5432``), compiled now.
+
+    A syntax error is one line before anything starts.
+    """
+    expression = " ".join(words).strip() or None
+    if expression is not None:
+        from sniffer.bpf import PacketFilter
+        from sniffer.records import CaptureError
+
+        try:
+            PacketFilter(expression)
+        except CaptureError as error:
+            raise UserError(str(error)) from None
+    return expression
+
+
 class CaptureTime(click.ParamType):
     """A point in time for --since/--until: Unix seconds, or an ISO 8601 date and time (UTC unless it says otherwise).
 

@@ -13,7 +13,6 @@ wrong one must end with exit 1).
 """
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -29,9 +28,11 @@ from analysis.verdict import ConnectionReport, judge_connection
 from kaobs.lab.docker import (
     DEFAULT_IMAGE,
     IMAGE_ENV,
+    LOCAL_IMAGE,
     check_docker,
     check_image,
     check_tools,
+    default_image,
 )
 from kaobs.lab.plan import expected_end
 from kaobs.lab.run import LabEvent, LabRun
@@ -49,7 +50,7 @@ from kaobs.lab.scenario import (
     sysctl_items,
     vanishing_side,
 )
-from kaobs.options import FiniteFloatRange, UserError, expectation_options
+from kaobs.options import FiniteFloatRange, UserError, expectation_options, write_mode_option
 from kaobs.report import echo_json, render_text, text_console, to_json
 from kaobs.status import exit_status
 from kaobs.watch import run_live
@@ -135,7 +136,7 @@ def lab_json(lab: LabRun, image: str) -> dict:
 
 
 @click.command()
-@click.option("--image", default=lambda: os.environ.get(IMAGE_ENV, DEFAULT_IMAGE), show_default=f"${IMAGE_ENV} or {DEFAULT_IMAGE}",
+@click.option("--image", default=None, show_default=f"${IMAGE_ENV}, else {DEFAULT_IMAGE}, else {LOCAL_IMAGE} when only it is here",
               help="Postgres image (official interface); never pulled. CI uses kaobs/postgres:15-local.")
 @click.option("--tcp-keepalives-idle", "idle", default="3", show_default=True, metavar="VALUE",
               help="Server GUC tcp_keepalives_idle (Postgres units; 0 = kernel default).")
@@ -159,12 +160,13 @@ def lab_json(lab: LabRun, image: str) -> dict:
               help="Bound on that wait: the fault comes S seconds after the client went idle at the latest.")
 @click.option("--duration", type=FiniteFloatRange(1, 600), default=None, metavar="S",
               help="Stop S seconds after the client went idle at the latest (default: from the settings).")
-@click.option("--write", "write_path", metavar="FILE.pcap", type=click.Path(dir_okay=False),
+@click.option("--write", "-w", "write_path", metavar="FILE.pcap", type=click.Path(dir_okay=False),
               help="Keep the capture: headers only unless --full-packets.")
 @click.option("--full-packets", is_flag=True, help="With --write, keep whole packets.")
+@write_mode_option
 @expectation_options
 def lab(image, idle, interval, count, user_timeout, settings, server_sysctl, client_sysctl, libpq, sessions, fault,
-        answered, fault_after, duration, write_path, full_packets, expect, client_dsn, sysctls, ports, hz,
+        answered, fault_after, duration, write_path, full_packets, write_mode, expect, client_dsn, sysctls, ports, hz,
         output_format) -> None:
     """Run the seed's experiment live in Docker: probes, fault, abort, verdict; then clean up.
 
@@ -186,15 +188,16 @@ def lab(image, idle, interval, count, user_timeout, settings, server_sysctl, cli
         build_expectations(expect, client_dsn, sysctls)  # bad --expect: one line now, not after the run
         check_docker()
         check_tools()
+        image = image or default_image()
         check_image(image)
     except (LabError, ExpectationError) as error:
         raise UserError(str(error)) from None
     sys.exit(run_lab(scenario, image, user=user, hz=int(hz), output_format=output_format, write_path=write_path,
-                     full_packets=full_packets, fault_label=fault))
+                     full_packets=full_packets, fault_label=fault, write_mode=write_mode))
 
 
 def run_lab(scenario: Scenario, image: str, *, user, hz: int, output_format: str, write_path: str | None,
-            full_packets: bool, fault_label: str) -> int:
+            full_packets: bool, fault_label: str, write_mode: int = 0o600) -> int:
     """Set up, run live, judge, print, clean up. Returns the exit status; raises UserError when the lab fails."""
     console = text_console()
     err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
@@ -213,7 +216,7 @@ def run_lab(scenario: Scenario, image: str, *, user, hz: int, output_format: str
     if in_main:
         signal.signal(signal.SIGTERM, interrupt)
         signal.signal(signal.SIGINT, interrupt)
-    lab = LabRun(scenario, image, write=write_path, full_packets=full_packets, on_event=on_event)
+    lab = LabRun(scenario, image, write=write_path, full_packets=full_packets, on_event=on_event, write_mode=write_mode)
     gone = vanishing_side(scenario.fault)
     plan = {FAULT_NONE: "no fault", FAULT_STOPS_READING: "the client stops reading a large result"}.get(
         fault_label, f"the {gone} vanishes after {scenario.fault_after_answered} answered probe(s)")
