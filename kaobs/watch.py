@@ -267,6 +267,8 @@ def watch(expression_words, interfaces, container, network, expect, client_dsn, 
 
         postgres = Postgres.read(dsn, expectations, sysctls, container, live=True,
                                  say_error=lambda line: click.echo(f"kaobs: error: {line}", err=True))
+        if postgres.interrupted:  # Ctrl-C while connecting: the user stopped before anything was watched
+            sys.exit(exit_status({}, postgres.view))
         expectations = postgres.expectations
     if niceness:
         set_priority(niceness)
