@@ -88,7 +88,7 @@ def analyze(arguments: tuple[str, ...], read_paths: tuple[str, ...], since, unti
 
     def warn(message: str) -> None:
         warnings.append(message)
-        err.print(f"kaobs: warning: {message}", style="yellow", markup=False)
+        err.print(f"kaobs: warning: {message}", style="yellow", markup=False, soft_wrap=True)
 
     captures = _in_time_order(captures, warn)
     run = AnalysisRun(sources=list(captures), hz=int(hz))

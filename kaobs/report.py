@@ -362,9 +362,21 @@ def postgres_connection_lines(view: PostgresView, index: int) -> list[tuple[str,
     return lines
 
 
+class _ReportConsole(Console):
+    """rich's Console, but a reader that went away (``| head``) raises BrokenPipeError to the command.
+
+    rich's own answer is exit 1, which says the analysis failed; the command
+    decides instead (`kaobs.options.stdout_closed`).
+    """
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def text_console() -> Console:
     """The console reports go to: the terminal's width, or no hard wrap below 200 columns in a pipe or file."""
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+    return _ReportConsole(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
 def echo_json(document: object, out: IO[str] | None = None) -> None:

@@ -50,7 +50,7 @@ from kaobs.lab.scenario import (
     sysctl_items,
     vanishing_side,
 )
-from kaobs.options import FiniteFloatRange, UserError, expectation_options, write_mode_option
+from kaobs.options import FiniteFloatRange, UserError, expectation_options, stdout_closed, write_mode_option
 from kaobs.report import echo_json, render_text, text_console, to_json
 from kaobs.status import exit_status
 from kaobs.watch import run_live
@@ -259,6 +259,17 @@ def run_lab(scenario: Scenario, image: str, *, user, hz: int, output_format: str
         raise UserError("interrupted; everything the lab created was removed")
     run, reports = result
     expectations = lab_expectations(lab, reports[0].connection.client.endpoint, user) if reports else lab.default_expectations()
+    try:
+        _print_lab_report(console, err, lab, run, reports, expectations, image, output_format, user, gone, write_path,
+                          full_packets)
+    except BrokenPipeError:
+        stdout_closed()  # `kaobs lab | head`: the lab ran all the same
+    return exit_status(tally(reports))
+
+
+def _print_lab_report(console, err, lab: LabRun, run: AnalysisRun, reports: list[ConnectionReport],
+                      expectations: Expectations, image: str, output_format: str, user, gone: str | None,
+                      write_path: str | None, full_packets: bool) -> None:
     if output_format == "json":
         document = to_json(run, reports, expectations)
         document["lab"] = lab_json(lab, image)
@@ -274,4 +285,3 @@ def run_lab(scenario: Scenario, image: str, *, user, hz: int, output_format: str
         if write_path:
             console.print(f"capture written to {write_path} ({'whole packets' if full_packets else 'headers only'})")
         err.print(f"lab: removed the containers and network of run {lab.env.run_id}", style="dim", highlight=False)
-    return exit_status(tally(reports))
