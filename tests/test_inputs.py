@@ -148,6 +148,24 @@ def test_standard_input_and_dev_stdin_and_process_substitution():
     assert json.loads(substituted.stdout)["connections"] == want
 
 
+def test_pcapng_streamed_in_small_pieces_on_standard_input():
+    """A capture agent streaming pcapng (kubectl gadget run tcpdump -o pcap-ng): blocks arrive in pieces."""
+    expect = ["--expect", "tcp_keepalives_idle=3", "--client-dsn", "keepalives_idle=2", "--format", "json"]
+    from_file = kaobs("analyze", str(BOTH), *expect)
+    want = json_report(from_file)
+    proc = subprocess.Popen([sys.executable, "-m", "kaobs", "analyze", "-", *expect], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    data = BOTH.read_bytes()
+    for at in range(0, len(data), 700):
+        proc.stdin.write(data[at:at + 700])
+        proc.stdin.flush()
+        time.sleep(0.002)
+    stdout, stderr = proc.communicate(timeout=60)  # closes standard input: the end of the stream
+    assert proc.returncode == from_file.returncode and b"Traceback" not in stderr, stderr
+    got = json.loads(stdout)
+    assert got["connections"] == want["connections"] and got["input"]["packets"] == want["input"]["packets"]
+
+
 def test_standard_input_that_is_a_terminal_is_one_line():
     # A pty as stdin: `kaobs analyze -` typed at a prompt would wait forever for a capture that never comes.
     import pty
