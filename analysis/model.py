@@ -600,8 +600,8 @@ class KeepaliveModel:
         """
         pending = sender.pending_first
         if (pending is None or seg.flags & (SYN | FIN | RST) or seg.seq != pending.seq or seg.ack != pending.ack
-                or seg.payload_len != pending.payload_len):
-            return False
+                or seg.payload_len != pending.payload_len or seg.window != pending.window):
+            return False  # anything else, a window update included, is not a repeat
         if sender.pending_repeats is None:
             sender.pending_repeats = []
         sender.pending_repeats.append(seg)

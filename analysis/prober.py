@@ -73,13 +73,15 @@ def prober_view(endpoint: Endpoint, settings: TimerSettings, hz: int = DEFAULT_H
     view: list[ProberProbe] = []
     for i, probe in enumerate(probes):
         previous = view[-1] if view else None
-        continues_series = (
-            previous is not None
-            and (
-                probe.since_accepted == previous.probe.since_accepted is not None
-                or (previous.answer_lost and probe.since_accepted == previous.probe.answer_t is not None)
-                or began_before_capture(probe, previous.probe)
+        continues_series = previous is not None and (
+            (
+                probe.since_accepted is not None
+                and (
+                    probe.since_accepted == previous.probe.since_accepted
+                    or (previous.answer_lost and probe.since_accepted == previous.probe.answer_t)
+                )
             )
+            or began_before_capture(probe, previous.probe)
         )
         if continues_series:
             assert previous is not None

@@ -400,6 +400,25 @@ def test_a_capture_that_starts_during_the_unanswered_probes(tmp_path):
     assert "RST (not a keepalive abort)" not in text.stdout and first_unanswered < second_unanswered
 
 
+def test_probes_seen_without_their_start_or_their_end_and_window_updates_are_not_probes():
+    """The model on built segments: a series cut at both ends is still probes; a repeated ACK with a new window is not."""
+    from analysis.model import KeepaliveModel
+    from tests.builders import Conversation
+
+    talk = Conversation().handshake().exchange(0.1)
+    talk.probe("server", 3.1).probe("server", 5.1).probe("server", 7.1).probe("server", 9.1)
+    model = KeepaliveModel([5432]).feed_all(talk.segments[-3:])  # probes 2-4: no start, no end, no answer
+    model.finish()
+    [conn] = model.connections
+    assert [p.kind for p in conn.server.probes] == ["keepalive"] * 3
+    update = Conversation().handshake().exchange(0.1)
+    update.ack("client", 2.0).set_window("client", 900).ack("client", 2.5)  # a window update, not a probe
+    model = KeepaliveModel([5432]).feed_all(update.segments[-2:])
+    model.finish()
+    [conn] = model.connections
+    assert conn.client.probes == []
+
+
 def test_unsupported_link_type_on_an_unused_interface_or_a_later_section(tmp_path):
     linktype, records = frames_of(SEED)
     wifi = b"\x08\x00" + bytes(40)
