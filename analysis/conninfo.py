@@ -405,6 +405,110 @@ def _redact_uri(dsn: str) -> str:
 
 
 
+def display_dsn(dsn: str) -> str:
+    """A DSN as kaobs prints it: rebuilt from what was parsed, never the text as given.
+
+    Keyword/value form out, whatever came in: ``host=db user=monitor
+    password=***``. Secrets are ``***``; so is the value of a keyword libpq
+    does not know (``PASSWORD=``, ``pasword=``: the user meant a password),
+    whose name is shown only when it is close to a libpq keyword (else it may
+    be a piece of a password with a space in it: ``?=***``). Where the DSN
+    stops parsing, ``***`` stands for the rest. A URI whose ``@`` libpq would
+    not read as the end of user:password (an unencoded ``@`` or ``/`` in the
+    password) shows nothing of what follows the scheme, since libpq's own
+    reading of it would put a piece of the password in the host or port.
+    """
+    prefix = _uri_prefix(dsn)
+    truncated = False
+    pairs: list[tuple[str, str]] = []
+    if prefix is not None:
+        if uri_userinfo_ambiguous(dsn):
+            return prefix + REDACTED
+        try:
+            pairs = _scan_uri(dsn)
+        except _Malformed:
+            return prefix + REDACTED
+    elif _OTHER_SCHEME_RE.match(dsn.lstrip(C_SPACE)):
+        return REDACTED
+    else:
+        try:
+            for keyword, value, _, _ in _scan_keyword_value(dsn):
+                pairs.append((keyword, value))
+        except _Malformed:
+            truncated = True
+    shown = [_shown_pair(keyword, value) for keyword, value in pairs]
+    if truncated:
+        shown.append(REDACTED)
+    return " ".join(shown)
+
+
+def _shown_pair(keyword: str, value: str) -> str:
+    if keyword in SECRET_KEYWORDS:
+        return f"{keyword}={REDACTED}"
+    if keyword not in _KNOWN_KEYWORDS:
+        return f"{keyword if near_keyword(keyword) else '?'}={REDACTED}"
+    if keyword == "dbname" and ("=" in value or _OTHER_SCHEME_RE.match(value)):
+        value = display_dsn(value)  # libpq expands a connection string given as dbname
+    return f"{keyword}={_quoted(value)}"
+
+
+def _quoted(value: str) -> str:
+    if value and not any(c in C_SPACE or c in "'\\" for c in value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def near_keyword(keyword: str) -> str | None:
+    """The libpq keyword `keyword` misspells (``PASSWORD``, ``pasword``, ``hots``), or None."""
+    lowered = keyword.lower()
+    if lowered in _KNOWN_KEYWORDS:
+        return lowered
+    close = difflib.get_close_matches(lowered, sorted(_KNOWN_KEYWORDS), n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+def unknown_keyword_problem(dsn: str) -> str | None:
+    """Why libpq will refuse this DSN for a keyword it does not know, without any value; None if none."""
+    try:
+        pairs = _parse_conninfo_pairs(dsn)
+    except _Malformed:
+        return None
+    for keyword, _ in pairs:
+        if keyword in _KNOWN_KEYWORDS:
+            continue
+        near = near_keyword(keyword)
+        if near is None:
+            return "a keyword libpq does not know (shown as ?=***)"
+        if near == keyword.lower() and near != keyword:
+            return f"unknown keyword {keyword}: libpq keywords are lower case ({near})"
+        return f"unknown keyword {keyword}: did you mean {near}?"
+    return None
+
+
+def uri_userinfo_ambiguous(dsn: str) -> bool:
+    """Does a URI hold an ``@`` that libpq would not read as the end of ``user:password@``?
+
+    libpq ends the userinfo at the first ``@`` or ``/``: a password with an
+    unencoded ``/`` leaves its ``@`` behind (``user:pa/ss@host``: host
+    "user", port "pa"), one with an unencoded ``@`` leaves a piece in the
+    host (``user:p@ss@host``: host "ss@host"). Either way the password turns
+    up in libpq's errors. An ``@`` in the query string is not counted.
+    """
+    prefix = _uri_prefix(dsn)
+    if prefix is None:
+        return False
+    rest = dsn[len(prefix):]
+    head = rest.split("?", 1)[0]
+    first_at = head.find("@")
+    if first_at < 0:
+        return False
+    first_slash = head.find("/")
+    if 0 <= first_slash < first_at:
+        return True
+    authority_end = head.find("/", first_at)
+    return "@" in head[first_at + 1:authority_end if authority_end >= 0 else len(head)]
+
+
 _INT_PARAM_RE = re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]+[ \t\n\v\f\r]*")
 
 

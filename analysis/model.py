@@ -214,6 +214,8 @@ class Endpoint:
     last_ip_id: int | None = None
     owes_answer: float = 0.0
     unanswered_heard: tuple[float, int] | None = None
+    pending_repeats: list[TcpSegment] | None = None
+    """The same pure ACK sent again while `pending_first` waits (see `KeepaliveModel._hold_repeat`)."""
 
     @property
     def endpoint(self) -> str:
@@ -597,6 +599,8 @@ class KeepaliveModel:
         self._flow(conn, sender, receiver, seg.t, not seg.flags & RST)  # after the reuse check: the old one ended before
         if receiver.pending_first is not None and seg.flags & ACK:
             self._resolve_pending(conn, receiver, sender, seg.ack)
+        if sender.pending_first is not None and self._hold_repeat(sender, seg):
+            return
         if sender.pending_first is not None:
             self._resolve_pending(conn, sender, receiver, seg.seq)
         if seg.flags & (SYN | FIN | RST):
@@ -802,6 +806,29 @@ class KeepaliveModel:
         if owner.next_seq is None:
             owner.next_seq = hint if seq_diff(hint, pending.seq) == 1 else pending.seq
         self._segment(conn, owner, peer, pending)
+        repeats, owner.pending_repeats = owner.pending_repeats, None
+        for repeat in repeats or ():
+            self._segment(conn, owner, peer, repeat)
+
+    @staticmethod
+    def _hold_repeat(sender: Endpoint, seg: TcpSegment) -> bool:
+        """The side sends its pending first pure ACK again, unprompted: hold it with the first one.
+
+        A capture that starts in the middle of a probe series (tcpdump started
+        during an incident) begins with the same pure ACK, again and again, and
+        nothing from the peer. Only a probe is sent like that, but whether at
+        next-1 (keepalive) is for the next hint to say: the peer's ACK, the
+        side's own data, or its RST at next after the last probe. Taking the
+        repeat itself as the hint made every probe an ordinary ACK.
+        """
+        pending = sender.pending_first
+        if (pending is None or seg.flags & (SYN | FIN | RST) or seg.seq != pending.seq or seg.ack != pending.ack
+                or seg.payload_len != pending.payload_len or seg.window != pending.window):
+            return False  # anything else, a window update included, is not a repeat
+        if sender.pending_repeats is None:
+            sender.pending_repeats = []
+        sender.pending_repeats.append(seg)
+        return True
 
     def _control(self, conn: Connection, sender: Endpoint, receiver: Endpoint, seg: TcpSegment,
                  idle_before: float | None = None) -> None:
@@ -1000,11 +1027,10 @@ class KeepaliveModel:
         for conn in self.connections:
             for endpoint in (conn.server, conn.client):
                 if endpoint.pending_first is not None:
-                    pending = endpoint.pending_first
-                    endpoint.pending_first = None
-                    if endpoint.next_seq is None:
-                        endpoint.next_seq = pending.seq
-                    self._segment(conn, endpoint, conn.peer(endpoint), pending)
+                    # No hint came. One pure ACK is taken as ordinary; the same one repeated, unprompted, was probing.
+                    seq = endpoint.pending_first.seq
+                    hint = seq + 1 if endpoint.pending_repeats else seq
+                    self._resolve_pending(conn, endpoint, conn.peer(endpoint), hint & 0xFFFFFFFF)
         for conn in self.connections:
             for endpoint in (conn.server, conn.client):
                 peer_address = conn.peer(endpoint).address

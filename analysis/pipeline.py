@@ -18,7 +18,7 @@ from analysis.model import Connection, KeepaliveModel, ModelEvent, RetiredStore
 from analysis.path import PathSummary, path_cut
 from analysis.tolerance import DEFAULT_HZ
 from analysis.verdict import VERDICTS, ConnectionReport, judge_connection
-from sniffer.records import Record, TcpSegment
+from sniffer.records import Record, TcpSegment, flow_endpoints
 
 
 @dataclass(slots=True)
@@ -38,6 +38,16 @@ class AnalysisRun:
     """Live capture only: packets the kernel dropped before kaobs could read them (None for files)."""
     capture_path: str | None = None
     """Live capture only: how packets were read ("ring": mmap'd TPACKET_V3 ring, "socket": recvmsg per packet)."""
+    filter: dict | None = None
+    """The user's filter: {"expression", "since", "until", "filtered_out"} (filtered_out None live: the kernel filtered)."""
+    cut_by_snaplen: int = 0
+    """Packets a snaplen cut before their TCP header: not analysed (a warning says the snaplen to use)."""
+    untimed_packets: int = 0
+    """Packets without a timestamp (pcapng Simple Packet Blocks): not analysed, their connections not judged."""
+    unsupported_packets: int = 0
+    """Packets on pcapng interfaces of a link type kaobs does not read: skipped."""
+    time_backwards: int = 0
+    """Packets whose time is earlier than one before them in the same file."""
 
 
 class Analysis:
@@ -55,9 +65,15 @@ class Analysis:
         self.retired = retired
         self.hz = hz
         self._live_noted = False
+        self.untimed: set[tuple[str, int, str, int]] = set()
+        """(src, sport, dst, dport) of packets that had no timestamp: their connections are not judged."""
 
     def _note_path(self, conn: Connection) -> None:
         self.path.add(conn, path_cut(conn, conn.start))
+
+    def note_untimed(self, flows: Iterable[bytes]) -> None:
+        """Flows (record flow keys) with packets that could not be timed (pcapng Simple Packet Blocks)."""
+        self.untimed.update(flow_endpoints(flow) for flow in flows)
 
     def feed(self, records: Iterable[Record]) -> None:
         self.model.feed_records(records)
@@ -100,27 +116,38 @@ class Analysis:
                 self._note_path(conn)
         return judge_in_order(self.connections(), expectations,
                               self.capture_end if capture_end is None else capture_end, self.hz, idle_cut, self.path,
-                              expectations_for)
+                              expectations_for, self.untimed)
 
 
 def judge_in_order(connections: Iterable[Connection], expectations: Expectations | None, capture_end: float,
                    hz: int = DEFAULT_HZ, idle_cut: float | None = None,
                    path: PathSummary | None = None,
                    expectations_for: Callable[[Connection], Expectations | None] | None = None,
+                   untimed: set[tuple[str, int, str, int]] = frozenset(),
                    ) -> Iterator[ConnectionReport]:
     """Judge connections one at a time against the expectations of both sides.
 
     `idle_cut` is an idle timeout of the path the user knows of; `path` what
     the capture shows of it across connections (a connection silent longer
-    than the path keeps connections is not seen beyond that).
+    than the path keeps connections is not seen beyond that). A connection
+    with packets that could not be timed (in `untimed`) is shown as it was
+    seen but judged against nothing: what is missing from its timeline could
+    be any probe.
     """
     for conn in connections:
         own = expectations_for(conn) if expectations_for is not None else None
         chosen = own if own is not None else expectations
         server = chosen.server if chosen is not None else None
         client = chosen.client if chosen is not None else None
+        if untimed and _has_untimed(conn, untimed):
+            server = client = None
         forgets = path.forgets_after(conn.client.address, conn.server.address) if path is not None else None
         yield judge_connection(conn, server, client, capture_end, hz, idle_cut, forgets)
+
+
+def _has_untimed(conn: Connection, untimed: set[tuple[str, int, str, int]]) -> bool:
+    s, c = conn.server, conn.client
+    return (c.address, c.port, s.address, s.port) in untimed or (s.address, s.port, c.address, c.port) in untimed
 
 
 def tally(reports: Iterable[ConnectionReport]) -> dict[str, int]:

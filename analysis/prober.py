@@ -73,13 +73,15 @@ def prober_view(endpoint: Endpoint, settings: TimerSettings, hz: int = DEFAULT_H
     view: list[ProberProbe] = []
     for i, probe in enumerate(probes):
         previous = view[-1] if view else None
-        continues_series = (
-            previous is not None
-            and probe.since_accepted is not None
-            and (
-                probe.since_accepted == previous.probe.since_accepted
-                or (previous.answer_lost and probe.since_accepted == previous.probe.answer_t)
+        continues_series = previous is not None and (
+            (
+                probe.since_accepted is not None
+                and (
+                    probe.since_accepted == previous.probe.since_accepted
+                    or (previous.answer_lost and probe.since_accepted == previous.probe.answer_t)
+                )
             )
+            or began_before_capture(probe, previous.probe)
         )
         if continues_series:
             assert previous is not None
@@ -96,6 +98,16 @@ def prober_view(endpoint: Endpoint, settings: TimerSettings, hz: int = DEFAULT_H
             # The prober aborted right after an answered probe: it never got the answer.
             seen.answer_lost = endpoint.reset.since_accepted == probe.answer_t
     return view
+
+
+def began_before_capture(probe: KeepaliveProbe, previous: KeepaliveProbe) -> bool:
+    """Two probes of one series whose start is not in the capture (tcpdump started during the probes).
+
+    Neither prober had accepted a packet in the capture, and the first went
+    unanswered: nothing restarted the timer between them. Their places in the
+    series are then counted from the first probe seen, not from the real first.
+    """
+    return probe.since_accepted is None and previous.since_accepted is None and previous.answer_t is None
 
 
 def _answer_lost(probe: KeepaliveProbe, next_t: float, idle: float | None, interval: float | None, hz: int) -> bool:
@@ -139,8 +151,8 @@ def observe(view: list[ProberProbe], endpoint: Endpoint, settings: TimerSettings
         gaps.append(reset.t - last.t)
         reason = "user_timeout" if settings.user_timeout else "keepalive_count"
         abort = Abort(reset.t, reason, last.index, last.anchor)
-        observed.count = last.index
-        if last.anchor is not None:
+        if last.anchor is not None:  # else the series began before the capture: at least last.index probes
+            observed.count = last.index
             observed.user_timeout = round(reset.t - last.anchor, 3)
     if gaps:
         observed.interval = round(min(gaps), 3)

@@ -438,6 +438,8 @@ def _format_expected(key: str, value: float | int, source: str) -> str:
 
 
 def _why_unobservable(key: str, settings: TimerSettings, observed: Observed, abort: Abort | None) -> str:
+    if abort is not None and abort.since_accepted is None and key in ("count", "user_timeout", "idle"):
+        return _series_before_capture(abort)
     if key == "count" and settings.user_timeout:
         return "tcp_user_timeout is set: it replaces the count, which the kernel then ignores"
     if key == "user_timeout" and not settings.user_timeout:
@@ -449,6 +451,13 @@ def _why_unobservable(key: str, settings: TimerSettings, observed: Observed, abo
     if key == "idle":
         return "no probe after a known last accepted packet, and no idle span long enough"
     return "nothing in the capture shows it"
+
+
+def _series_before_capture(abort: Abort) -> str:
+    """What a capture that starts during the unanswered probes can and cannot tell (never the opposite)."""
+    return (f"the capture began during the probes: {abort.unanswered_probes} unanswered probe(s) seen before the "
+            "keepalive abort, earlier ones and the last packet the prober accepted are not in it, so the idle, "
+            "the count and the time to the abort cannot be told (the interval can)")
 
 
 def judge_connection(

@@ -22,7 +22,12 @@ def local_clock(t: float | None, millis: bool = True, missing: str = "-") -> str
 def _clock(t: float | None, zone: _dt.tzinfo | None, millis: bool, missing: str) -> str:
     if t is None:
         return missing
-    text = _dt.datetime.fromtimestamp(t, zone).strftime("%H:%M:%S.%f")
+    try:
+        text = _dt.datetime.fromtimestamp(t, zone).strftime("%H:%M:%S.%f")
+    except (OverflowError, OSError, ValueError):
+        # A damaged or hand-made capture can hold a time past year 9999 (or before 1 AD):
+        # no clock reads that, so say the number rather than fail the whole report.
+        return f"t={t:.6g}"
     return text[:-3] if millis else text[:-7]
 
 

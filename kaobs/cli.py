@@ -6,15 +6,29 @@ contradiction between the settings and the packets is 1 (`kaobs.status`).
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import sys
-from typing import Sequence
+import threading
+from typing import Callable, Iterator, Sequence
 
 import click
 
 from analysis.pipeline import Analysis, AnalysisRun
 from kaobs.lab.command import lab
-from kaobs.options import (UserError, expectation_options, fail, idle_cut_option, make_expectations, make_output,
-                           output_options)
+from analysis.verdict import VERDICTS, ConnectionReport
+from kaobs.options import (
+    CaptureTime,
+    UserError,
+    expectation_options,
+    fail,
+    idle_cut_option,
+    make_expectations,
+    make_output,
+    output_options,
+    split_captures,
+    stdout_closed,
+)
 from kaobs.progress import AnalyzeProgress
 from kaobs.report import (
     echo_json,
@@ -27,7 +41,8 @@ from kaobs.report import (
 from kaobs.spool import ConnectionSpool
 from kaobs.status import ExitStatus, exit_status
 from kaobs.watch import watch
-from sniffer.pcapfile import CaptureReader
+from sniffer.bpf import PacketFilter
+from sniffer.pcapfile import CaptureReader, first_packet_time
 from sniffer.records import CaptureError
 
 
@@ -38,7 +53,13 @@ def main() -> None:
 
 
 @main.command(short_help="Judge the keepalives in pcap/pcapng files.")
-@click.argument("captures", nargs=-1, required=True, metavar="CAPTURE...")
+@click.argument("arguments", nargs=-1, metavar="[CAPTURE...] [EXPRESSION]")
+@click.option("-r", "--read", "read_paths", multiple=True, metavar="FILE",
+              help="A capture to read, as tcpdump -r ('-': standard input). Repeatable; the arguments are then "
+                   "all the filter expression.")
+@click.option("--since", type=CaptureTime(), metavar="TIME",
+              help="Analyse only packets from this time on: Unix seconds or ISO 8601 (UTC unless an offset is given).")
+@click.option("--until", type=CaptureTime(), metavar="TIME", help="Analyse only packets up to this time.")
 @expectation_options
 @click.option("--dsn", metavar="CONNINFO",
               help="Read the server's keepalive settings and sessions now, over TCP (needs pg_read_all_settings "
@@ -47,24 +68,41 @@ def main() -> None:
               help="With --dsn: the server's Docker container, whose network namespace's sysctls resolve a setting of 0.")
 @idle_cut_option
 @output_options
-def analyze(captures: tuple[str, ...], expect, client_dsn, sysctls, ports, hz, output_format, dsn=None,
-            server_container=None, idle_cut=None, only=(), summary=False, show_all=False, quiet=False,
-            color="auto") -> None:
-    """Analyze saved pcap/pcapng files (several files are read in order as one capture).
+def analyze(arguments: tuple[str, ...], read_paths: tuple[str, ...], since, until, expect, client_dsn, sysctls,
+            ports, hz, output_format, dsn=None, server_container=None, idle_cut=None, only=(), summary=False,
+            show_all=False, quiet=False, color="auto") -> None:
+    """Analyze saved captures: pcap or pcapng, gzip/zstd/xz/bzip2 compressed, '-' for standard input.
 
-    Exit 0 when nothing contradicts the expectations, 1 when something does,
-    2 for bad usage or unreadable input.
+    Several files are one capture, read in the order of their first packets.
+    A filter EXPRESSION (tcpdump's syntax, compiled by libpcap) keeps only
+    the packets it matches. Exit 0 when nothing contradicts the
+    expectations, 1 when something does, 2 for bad usage or unreadable input.
     """
     output = make_output(output_format, only, summary, show_all, quiet, color)
+    captures, expression = split_captures(arguments, read_paths)
+    if server_container is not None and dsn is None:
+        raise UserError("--container needs --dsn: it names the server's container, whose sysctls resolve a setting "
+                        "of 0 read with --dsn; without a database give the kernel defaults with --sysctl")
+    if since is not None and until is not None and since > until:
+        raise UserError("--since is after --until: no packet can be in between")
+    packet_filter = None
+    if expression is not None or since is not None or until is not None:
+        try:
+            packet_filter = PacketFilter(expression, since, until)
+        except CaptureError as error:
+            raise UserError(str(error)) from None
     expectations = make_expectations(expect, client_dsn, sysctls)
-    run = AnalysisRun(sources=list(captures), hz=int(hz))
     err = error_console(color)
+    warnings: list[str] = []
 
     def warn(message: str) -> None:
-        run.warnings.append(message)
+        warnings.append(message)
         if not quiet:
-            err.print(f"kaobs: warning: {message}", style="yellow", markup=False)
+            err.print(f"kaobs: warning: {message}", style="yellow", markup=False, soft_wrap=True)
 
+    captures = _in_time_order(captures, warn)
+    run = AnalysisRun(sources=list(captures), hz=int(hz))
+    run.warnings = warnings
     # Ended connections go to a spool on disk as the capture is read: memory stays bounded by the
     # connections alive at a time. With --dsn every report is held: the matching needs them together.
     spool = ConnectionSpool() if dsn is None else None
@@ -72,16 +110,7 @@ def analyze(captures: tuple[str, ...], expect, client_dsn, sysctls, ports, hz, o
     progress = AnalyzeProgress(captures, err, enabled=not quiet and err.is_terminal)
     try:
         with progress:
-            for index, path in enumerate(captures):
-                try:
-                    reader = CaptureReader(path, warn=warn)
-                    progress.feed(analysis, reader.records(), path, index)
-                except CaptureError as error:
-                    raise UserError(str(error)) from None
-                stats = reader.stats
-                run.packets += stats.packets
-                run.segments += stats.segments
-                run.duplicates += stats.duplicates
+            _read_captures(captures, analysis, run, packet_filter, warn, progress)
         analysis.finish()
         model = analysis.model
         run.ignored_segments = model.segments_ignored
@@ -93,28 +122,125 @@ def analyze(captures: tuple[str, ...], expect, client_dsn, sysctls, ports, hz, o
             postgres = Postgres.read(dsn, expectations, sysctls, server_container,
                                      say_error=lambda line: click.echo(f"kaobs: error: {line}", err=True))
             expectations = postgres.expectations
-        reports = analysis.reports(expectations, idle_cut=idle_cut)
-        if postgres is None:
-            # A report going to a file while stderr is a terminal: count its connections there too.
-            with (progress if not sys.stdout.isatty() else contextlib.nullcontext()):
-                reports = progress.counting(reports, model.opened) if not sys.stdout.isatty() else reports
+        counts = dict.fromkeys(VERDICTS, 0)
+        reports = _tallied(analysis.reports(expectations, idle_cut=idle_cut), counts)
+        view = None
+        try:
+            if postgres is None:
+                # A report going to a file while stderr is a terminal: count its connections there too.
+                with (progress if not sys.stdout.isatty() else contextlib.nullcontext()):
+                    reports = progress.counting(reports, model.opened) if not sys.stdout.isatty() else reports
+                    if output_format == "json":
+                        write_json_streamed(sys.stdout, run, reports, expectations)
+                    else:
+                        render_text(text_console(color), run, reports, expectations, options=output.text)
+            else:
+                held = list(reports)
+                view = postgres.finish(held)
                 if output_format == "json":
-                    counts = write_json_streamed(sys.stdout, run, reports, expectations)
+                    echo_json(to_json(run, held, expectations, view))
                 else:
-                    counts = render_text(text_console(color), run, reports, expectations, options=output.text)
-            sys.exit(exit_status(counts))
-        held = list(reports)
-        view = postgres.finish(held)
-        if output_format == "json":
-            document = to_json(run, held, expectations, view)
-            echo_json(document)
-            counts = document["summary"]
-        else:
-            counts = render_text(text_console(color), run, held, expectations, view, options=output.text)
+                    render_text(text_console(color), run, held, expectations, view, options=output.text)
+        except BrokenPipeError:
+            stdout_closed()  # `kaobs analyze ... | head`: the analysis itself stands
+            for _ in reports:
+                pass
         sys.exit(exit_status(counts, view))
     finally:
         if spool is not None:
             spool.close()
+
+
+def _tallied(reports: Iterator[ConnectionReport], counts: dict[str, int]) -> Iterator[ConnectionReport]:
+    """The reports as they come, each counted by verdict (for the exit status, whatever happens to stdout)."""
+    for report in reports:
+        counts[report.verdict] += 1
+        yield report
+
+
+def _in_time_order(captures: list[str], warn: Callable[[str], None]) -> list[str]:
+    """Several files in the order of their first packets (tcpdump -C/-G rotations a glob put out of order).
+
+    Only regular files are looked into (a pipe can be read once); a file
+    without a timed packet keeps its place.
+    """
+    if len(captures) < 2 or not all(os.path.isfile(path) for path in captures):
+        return captures
+    firsts: list[float | None] = []
+    for path in captures:
+        try:
+            firsts.append(first_packet_time(path))
+        except CaptureError:
+            firsts.append(None)  # said when it is read
+    timed = [i for i, t in enumerate(firsts) if t is not None]
+    ordered = list(captures)
+    for place, i in zip(timed, sorted(timed, key=lambda i: firsts[i])):  # type: ignore[arg-type, return-value]
+        ordered[place] = captures[i]
+    if ordered != captures:
+        warn("the captures were given out of time order (a shell glob sorts pg.pcap10 before pg.pcap2); read in the "
+             f"order of their first packets: {', '.join(ordered)}")
+    return ordered
+
+
+def _read_captures(captures: list[str], analysis: Analysis, run: AnalysisRun, packet_filter: PacketFilter | None,
+                   warn: Callable[[str], None], progress: AnalyzeProgress) -> None:
+    """Feed every capture to the analysis; Ctrl-C or SIGTERM (a fifo, a pipe from tcpdump) ends the reading, not the report."""
+    restore = _interrupt_on_sigterm()
+    previous: tuple[str, float] | None = None
+    reader = None
+    filtered = 0
+    try:
+        for index, path in enumerate(captures):
+            reader = None
+            try:
+                reader = CaptureReader(path, warn=warn, packet_filter=packet_filter)
+                try:
+                    progress.feed(analysis, reader.records(), path, index)
+                finally:
+                    _account(run, reader.stats)
+                    filtered += reader.stats.filtered
+                    analysis.note_untimed(reader.stats.untimed_flows)
+            except CaptureError as error:
+                raise UserError(str(error)) from None
+            stats = reader.stats
+            if previous is not None and stats.first_t is not None and stats.first_t < previous[1]:
+                warn(f"{reader.name} begins {previous[1] - stats.first_t:.3f} s before {previous[0]} ends: time goes "
+                     "backwards between them (overlapping captures?); timings around the change are wrong")
+            if stats.newest_t is not None:
+                previous = (reader.name, stats.newest_t)
+    except KeyboardInterrupt:
+        if reader is not None:
+            try:
+                reader.conclude()
+            except CaptureError:
+                pass
+        warn(f"interrupted after {run.packets} packets: the report covers what was read until then")
+    finally:
+        restore()
+        if packet_filter is not None:
+            run.filter = {**packet_filter.describe(), "filtered_out": filtered}
+
+
+def _account(run: AnalysisRun, stats) -> None:
+    run.packets += stats.packets
+    run.segments += stats.segments
+    run.duplicates += stats.duplicates
+    run.cut_by_snaplen += stats.cut_by_snaplen
+    run.untimed_packets += stats.untimed
+    run.unsupported_packets += sum(stats.unsupported.values())
+    run.time_backwards += stats.backwards
+
+
+def _interrupt_on_sigterm() -> Callable[[], None]:
+    """SIGTERM ends the reading as Ctrl-C does (``timeout 60 kaobs analyze fifo``); returns the restorer."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 main.add_command(watch)

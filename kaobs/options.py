@@ -5,6 +5,10 @@ it and none of them imports another's command module.
 """
 from __future__ import annotations
 
+import datetime as _dt
+import math
+import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import NoReturn, Sequence
@@ -25,6 +29,19 @@ class UserError(Exception):
 def fail(message: str) -> NoReturn:
     click.echo(f"kaobs: error: {message}", err=True)
     sys.exit(ExitStatus.ERROR)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A FloatRange that also refuses nan and inf: ``nan < 0.1`` is False, so click's range lets nan through.
+
+    A duration of nan never ends (``now >= start + nan`` is never true).
+    """
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def expectation_options(function):
@@ -110,3 +127,109 @@ def make_output(output_format: str, only: Sequence[str], summary: bool, show_all
         verb = "shapes" if len(used) == 1 else "shape"
         raise UserError(f"{' and '.join(used)} {verb} the text report; the JSON document always holds every connection")
     return Output(TextOptions(frozenset(only), summary, show_all), quiet, color)
+
+
+class FileMode(click.ParamType):
+    """Permissions in octal, as chmod takes them (600, 0640, 0o644)."""
+
+    name = "mode"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().removeprefix("0o")
+        if not re.fullmatch(r"[0-7]{1,4}", text) or int(text, 8) > 0o777:
+            self.fail(f"{value!r} is not a file mode: give it in octal, as chmod takes it (600, 640, 644)", param, ctx)
+        return int(text, 8)
+
+
+def write_mode_option(function):
+    """--write-mode, for the commands that --write a capture (watch, lab)."""
+    return click.option(
+        "--write-mode", type=FileMode(), default="600", show_default=True, metavar="MODE",
+        help="Permissions of the --write file, in octal: only its owner may read it unless you say otherwise "
+             "(a capture says who talked to the database; with --full-packets it holds queries and passwords).",
+    )(function)
+
+
+def filter_expression(words: Sequence[str]) -> str | None:
+    """tcpdump's filter expression from the command's trailing words (``kaobs watch tcp port 5432``), compiled now.
+
+    A syntax error is one line before anything starts.
+    """
+    expression = " ".join(words).strip() or None
+    if expression is not None:
+        from sniffer.bpf import PacketFilter
+        from sniffer.records import CaptureError
+
+        try:
+            PacketFilter(expression)
+        except CaptureError as error:
+            raise UserError(str(error)) from None
+    return expression
+
+
+class CaptureTime(click.ParamType):
+    """A point in time for --since/--until: Unix seconds, or an ISO 8601 date and time (UTC unless it says otherwise).
+
+    UTC because the reports print capture times in UTC.
+    """
+
+    name = "time"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            return value
+        text = str(value).strip()
+        if re.fullmatch(r"[0-9]+(\.[0-9]*)?", text):
+            return float(text)
+        try:
+            when = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            self.fail(f"{value!r} is not a time: give Unix seconds (1764597727.5) or an ISO 8601 date and time "
+                      "(2026-12-01T14:02:07, UTC unless an offset is given)", param, ctx)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=_dt.timezone.utc)
+        return when.timestamp()
+
+
+_CAPTURE_NAME = re.compile(r"(^|/)[^ ]*\.(pcap|pcapng|cap|gz|zst|xz|bz2)[0-9]*$")
+
+
+def split_captures(arguments: Sequence[str], read_paths: Sequence[str]) -> tuple[list[str], str | None]:
+    """The capture files and the filter expression in ``kaobs analyze``'s arguments, as tcpdump reads them.
+
+    With ``-r FILE`` every argument is the expression (``kaobs analyze -r f.pcap tcp port 5432``).
+    Without, the leading arguments that name files (or ``-``, standard input) are the captures and
+    the rest is the expression (``kaobs analyze a.pcap b.pcap 'host 10.0.0.5'``).
+    """
+    if read_paths:
+        captures, words = list(read_paths), list(arguments)
+    else:
+        captures = []
+        for argument in arguments:
+            if argument != "-" and not os.path.exists(argument):
+                break
+            captures.append(argument)
+        words = list(arguments[len(captures):])
+        if not captures:
+            if not words:
+                raise UserError("no capture given: kaobs analyze FILE... [EXPRESSION] (or -r FILE; - reads standard input)")
+            raise UserError(f"{words[0]}: no such file")
+    if words and _CAPTURE_NAME.search(words[0]) and " " not in words[0]:
+        raise UserError(f"{words[0]}: no such file")  # a missing capture, not a filter expression
+    return captures, " ".join(words) if words else None
+
+
+def stdout_closed() -> None:
+    """The reader of our standard output went away (``kaobs analyze ... | head``): that is not a failure.
+
+    Whatever is still written goes nowhere, so neither the rest of the report
+    nor the interpreter's final flush raises BrokenPipeError (Python's own advice).
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass

@@ -19,12 +19,20 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-from analysis.conninfo import SECRET_KEYWORDS, parse_conninfo, redact_dsn
+from analysis.conninfo import (
+    SECRET_KEYWORDS,
+    display_dsn,
+    parse_conninfo,
+    unknown_keyword_problem,
+    uri_userinfo_ambiguous,
+)
 from analysis.expect import Expectations
 from analysis.kernel_defaults import KernelDefaults, parse_sysctls
 from analysis.model import Connection
@@ -57,6 +65,37 @@ SYSCTL_FILES = {s.kernel_field: s.proc_path for s in NAMESPACE_DEFAULTS}
 
 class PostgresError(Exception):
     """The server could not be reached or read: one line, no password."""
+
+
+class PostgresInterrupted(PostgresError):
+    """Ctrl-C (or SIGTERM) while connecting: the user gave up waiting, the server did not refuse."""
+
+
+class _SignalsSeen:
+    """Notes a Ctrl-C or SIGTERM while connecting, and still interrupts as they would.
+
+    libpq's wait may turn the interruption into a connection error of its
+    own ("server terminated abnormally", "timeout expired") for a server that
+    never answered; what was seen says what really happened.
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "_SignalsSeen":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _one_line(text: str) -> str:
@@ -116,7 +155,7 @@ class MonitoringSession:
     _secrets: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
-        self.redacted = redact_dsn(self.dsn)
+        self.redacted = display_dsn(self.dsn)  # rebuilt from what was parsed: never the text as given
 
     # -- connecting ----------------------------------------------------------
 
@@ -125,6 +164,14 @@ class MonitoringSession:
             parse_conninfo(self.dsn)  # our parser first: its errors never show a value
         except ExpectationError as error:
             raise PostgresError(str(error).replace("--client-dsn", "--dsn")) from None
+        if uri_userinfo_ambiguous(self.dsn):
+            raise PostgresError(
+                f"--dsn {self.redacted}: the URI's user:password part holds an '@' or '/' that is not "
+                "percent-encoded, so libpq would take a piece of the password for the host or port: encode @ as "
+                "%40 and / as %2F")
+        problem = unknown_keyword_problem(self.dsn)
+        if problem is not None:  # libpq refuses it; its message would quote what follows the keyword
+            raise PostgresError(f"--dsn {self.redacted}: {problem}")
         try:
             from psycopg.conninfo import conninfo_to_dict
 
@@ -156,9 +203,17 @@ class MonitoringSession:
             effective_timeout = float(timeout) if timeout else float(self.connect_timeout)
         except ValueError:
             effective_timeout = None
+        signals = _SignalsSeen()
         try:
-            self._conn = psycopg.connect(self.dsn, **extra)
+            with signals:
+                self._conn = psycopg.connect(self.dsn, **extra)
+        except KeyboardInterrupt:
+            raise PostgresInterrupted(f"--dsn {self.redacted}: interrupted while connecting, before the server "
+                                      "answered; the packet analysis ran without the database") from None
         except psycopg.Error as error:
+            if signals.seen:
+                raise PostgresInterrupted(f"--dsn {self.redacted}: interrupted while connecting, before the server "
+                                          "answered; the packet analysis ran without the database") from None
             host = (params.get("hostaddr") or params.get("host") or "").split(",")[0]
             port = (params.get("port") or os.environ.get("PGPORT") or "5432").split(",")[0]
             address = f"{host}:{port}" if host and "," not in params.get("host", "") else ""
@@ -373,6 +428,8 @@ class Postgres:
         self._pending: dict[int, tuple[float, float]] = {}  # index -> (abort t, first check at)
         self._last_poll = float("-inf")
         self._failed = False
+        self.interrupted = False
+        """Reading the server was interrupted (Ctrl-C while connecting): watch stops there."""
 
     @classmethod
     def read(cls, dsn: str, expectations: Expectations, sysctls: Sequence[str] = (), container: str | None = None,
@@ -400,7 +457,9 @@ class Postgres:
                 raise
             message = str(error)
             say_error(message)
-            return cls(dsn, expectations, PostgresView(dsn=redact_dsn(dsn), error=message), **options)
+            failed = cls(dsn, expectations, PostgresView(dsn=display_dsn(dsn), error=message), **options)
+            failed.interrupted = isinstance(error, PostgresInterrupted)
+            return failed
         if not live:
             session.close()
         view = PostgresView(dsn=session.redacted, server=server, settings=readings, backends=backends)

@@ -106,6 +106,10 @@ def _document(
             "warnings": run.warnings,
             "kernel_drops": run.kernel_drops,
             "capture_path": run.capture_path,
+            "filter": run.filter,
+            "unreadable_packets": {"cut_by_snaplen": run.cut_by_snaplen, "untimed": run.untimed_packets,
+                                   "unsupported_link_type": run.unsupported_packets},
+            "time_backwards": run.time_backwards,
         },
         "expectations": _expectations_json(expectations),
         "timer_hz": run.hz,
@@ -335,7 +339,8 @@ def render_text(
             quiet += 1
         triage.add(report, kinds, postgres)
     if not total:
-        out(f"No Postgres connection in {', '.join(run.sources)} ({run.segments} TCP segments, none on the server port).")
+        out(f"No Postgres connection in {', '.join(run.sources)} ({run.segments} TCP segments, none on the "
+            f"server port{_filtered_words(run)}).")
         return counts
     for line, style in path_lines(path, expectations):
         body = line.lstrip(" ")
@@ -349,7 +354,8 @@ def render_text(
     if filtered:
         out(f"{filtered} connection(s) not listed (--only {','.join(sorted(options.only))})", style="dim")
     parts = [f"{n} {v}" for v, n in counts.items() if n]
-    out(f"{total} connection(s): " + ", ".join(parts) + f"  [{run.packets} packets, {run.segments} TCP segments]")
+    out(f"{total} connection(s): " + ", ".join(parts) + f"  [{run.packets} packets, {run.segments} TCP segments"
+        + _filtered_words(run) + "]")
     return counts
 
 
@@ -524,6 +530,13 @@ class Legend:
             return f" [{number}]", False
         number = self.numbers[source] = len(self.numbers) + 1
         return f" [{number}]", True
+
+
+def _filtered_words(run: AnalysisRun) -> str:
+    """What the user's filter left out, for the summary line (nothing without a filter)."""
+    if run.filter is None or run.filter.get("filtered_out") is None:
+        return ""
+    return f", {run.filter['filtered_out']} left out by the filter"
 
 
 def render_connection(
@@ -721,8 +734,9 @@ def timeline(report: ConnectionReport) -> list[str]:
             )
         if side.abort is not None:
             why = "keepalive count reached" if side.abort.reason == "keepalive_count" else "user timeout reached"
-            events.append((side.abort.t, f"{side.role} ABORT (RST) after {side.abort.unanswered_probes} unanswered "
-                                         f"probe(s): {why}"))
+            least = "" if side.abort.since_accepted is not None else "at least "  # the series began before the capture
+            events.append((side.abort.t, f"{side.role} ABORT (RST) after {least}{side.abort.unanswered_probes} "
+                                         f"unanswered probe(s): {why}"))
         elif endpoint.reset is not None and not (report.path_cut is not None and report.path_cut.kind == "reset"
                                                  and report.path_cut.t == endpoint.reset.t):
             events.append((endpoint.reset.t, f"{side.role} RST (not a keepalive abort)"))
@@ -892,9 +906,21 @@ def _color_options(color: str) -> dict[str, Any]:
     return {}
 
 
+class _ReportConsole(Console):
+    """rich's Console, but a reader that went away (``| head``) raises BrokenPipeError to the command.
+
+    rich's own answer is exit 1, which says the analysis failed; the command
+    decides instead (`kaobs.options.stdout_closed`).
+    """
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def text_console(color: str = "auto") -> Console:
     """The console reports go to: wrapped at the terminal's width, or never wrapped in a pipe or a file."""
-    return Console(highlight=False, soft_wrap=not sys.stdout.isatty(), **_color_options(color))
+    return _ReportConsole(highlight=False, soft_wrap=not sys.stdout.isatty(), **_color_options(color))
 
 
 def error_console(color: str = "auto") -> Console:

@@ -4,7 +4,9 @@
 packets contradict, or a backend that outlived its connection's keepalive
 abort). 2: what was asked could not be done: bad usage, unreadable input, no
 capture, or a database that could not be read (the packet report is still
-printed then).
+printed then). A reader of the report that went away (``kaobs analyze ... | head``)
+is not a failure: the status is still the analysis's (the commands call
+`exit_status` with the verdicts counted as the reports were made, printed or not).
 """
 from __future__ import annotations
 

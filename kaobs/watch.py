@@ -25,11 +25,22 @@ from rich.live import Live
 from analysis.expect import Expectations
 from analysis.model import Connection, ModelEvent
 from analysis.outlook import ExpectationsFor, LiveMonitor
-from analysis.pipeline import Analysis, AnalysisRun
+from analysis.pipeline import Analysis, AnalysisRun, tally
 from analysis.verdict import ConnectionReport
 from analysis.words import local_clock
 from kaobs.liveview import BackendOf, LiveHeader, alarm_line, event_line, live_view, verdict_line
-from kaobs.options import UserError, expectation_options, idle_cut_option, make_expectations, make_output, output_options
+from kaobs.options import (
+    FiniteFloatRange,
+    UserError,
+    expectation_options,
+    filter_expression,
+    idle_cut_option,
+    make_expectations,
+    make_output,
+    output_options,
+    stdout_closed,
+    write_mode_option,
+)
 from kaobs.report import echo_json, error_console, render_text, text_console, to_json
 from kaobs.status import exit_status
 from sniffer.capture import LiveCapture
@@ -94,7 +105,11 @@ def run_live(
 
     def say(line: str, alarm: bool = False) -> None:
         if mode == "lines":
-            console.print(line, markup=False, highlight=False, soft_wrap=True)
+            try:
+                console.print(line, markup=False, highlight=False, soft_wrap=True)
+            except BrokenPipeError:  # `kaobs watch | head -5`: nobody reads any more, so stop, as tcpdump would
+                stdout_closed()
+                stop.set()
         elif mode == "table":
             header.recent.append(line)
             del header.recent[:-50]
@@ -248,26 +263,28 @@ def set_priority(niceness: int) -> None:
 
 
 @click.command(short_help="Watch live Postgres traffic, then print the report.")
+@click.argument("expression_words", nargs=-1, metavar="[EXPRESSION]")
 @click.option("--interface", "-i", "interfaces", multiple=True, metavar="IF",
               help="Capture on this interface (repeatable): a Docker bridge, a veth, lo, eth0.")
 @click.option("--container", metavar="NAME",
               help="Capture the traffic of this Docker container (its bridge, filtered on its address).")
 @click.option("--network", metavar="NAME", help="Capture on this Docker network's bridge.")
 @expectation_options
-@click.option("--duration", type=click.FloatRange(min=0.1), metavar="S",
+@click.option("--duration", type=FiniteFloatRange(min=0.1), metavar="S",
               help="Stop after S seconds (default: until Ctrl-C or SIGTERM).")
-@click.option("--write", "write_path", metavar="FILE.pcap", type=click.Path(dir_okay=False),
+@click.option("--write", "-w", "write_path", metavar="FILE.pcap", type=click.Path(dir_okay=False),
               help="Keep the capture in a pcap file: headers only unless --full-packets.")
 @click.option("--full-packets", is_flag=True, help="With --write, keep whole packets (query text, passwords!).")
+@write_mode_option
 @click.option("--dsn", metavar="CONNINFO",
               help="Read the server's settings and sessions over TCP: name connections, check backends after aborts.")
 @click.option("--nice", "niceness", type=click.IntRange(-20, 19), default=0, show_default=True, metavar="N",
               help="Run at this scheduling priority (e.g. -10) so a saturated machine does not starve the capture.")
 @idle_cut_option
 @output_options
-def watch(interfaces, container, network, expect, client_dsn, sysctls, ports, hz, output_format,
-          duration, write_path, full_packets, dsn=None, niceness=0, idle_cut=None, only=(), summary=False,
-          show_all=False, quiet=False, color="auto") -> None:
+def watch(expression_words, interfaces, container, network, expect, client_dsn, sysctls, ports, hz, output_format,
+          duration, write_path, full_packets, write_mode=0o600, dsn=None, niceness=0, idle_cut=None, only=(),
+          summary=False, show_all=False, quiet=False, color="auto") -> None:
     """Watch live Postgres traffic: probes, answers, aborts and alarms as they happen, then the report.
 
     Without --interface/--container/--network, captures on the Docker
@@ -279,6 +296,7 @@ def watch(interfaces, container, network, expect, client_dsn, sysctls, ports, hz
 
     output = make_output(output_format, only, summary, show_all, quiet, color)
     expectations = make_expectations(expect, client_dsn, sysctls)
+    expression = filter_expression(expression_words)
     if full_packets and not write_path:
         raise UserError("--full-packets only makes sense with --write FILE.pcap")
     if os.geteuid() != 0:
@@ -293,11 +311,14 @@ def watch(interfaces, container, network, expect, client_dsn, sysctls, ports, hz
 
         postgres = Postgres.read(dsn, expectations, sysctls, container, live=True,
                                  say_error=lambda line: click.echo(f"kaobs: error: {line}", err=True))
+        if postgres.interrupted:  # Ctrl-C while connecting: the user stopped before anything was watched
+            sys.exit(exit_status({}, postgres.view))
         expectations = postgres.expectations
     if niceness:
         set_priority(niceness)
     stop = threading.Event()
-    capture = LiveCapture(target.interfaces, ports, write=write_path, full_packets=full_packets, hosts=target.hosts)
+    capture = LiveCapture(target.interfaces, ports, write=write_path, full_packets=full_packets, hosts=target.hosts,
+                          expression=expression, write_mode=write_mode)
     restore = install_stop_handlers(stop, capture.stop)
     console = text_console(color)
     try:
@@ -313,21 +334,24 @@ def watch(interfaces, container, network, expect, client_dsn, sysctls, ports, hz
         raise UserError(str(error)) from None
     finally:
         restore()
+    if expression is not None:
+        run.filter = {"expression": expression, "since": None, "until": None, "filtered_out": None}
     view = None
     if postgres is not None:
         view = postgres.finish(reports)
         postgres.close()
-    if output_format == "json":
-        document = to_json(run, reports, expectations, view)
-        echo_json(document)
-        counts = document["summary"]
-    else:
-        if not console.is_terminal and not quiet:
-            console.print()
-        counts = render_text(console, run, reports, expectations, view, options=output.text)
-        if view is not None and view.own_session is not None:
-            console.print(f"kaobs's own --dsn session (#{view.own_session['connection']}, client "
-                          f"{view.own_session['client']}) is left out", style="dim", markup=False, highlight=False)
-        if write_path:
-            console.print(f"capture written to {write_path} ({'whole packets' if full_packets else 'headers only'})")
-    sys.exit(exit_status(counts, view))
+    try:
+        if output_format == "json":
+            echo_json(to_json(run, reports, expectations, view))
+        else:
+            if not console.is_terminal and not quiet:
+                console.print()
+            render_text(console, run, reports, expectations, view, options=output.text)
+            if view is not None and view.own_session is not None:
+                console.print(f"kaobs's own --dsn session (#{view.own_session['connection']}, client "
+                              f"{view.own_session['client']}) is left out", style="dim", markup=False, highlight=False)
+            if write_path:
+                console.print(f"capture written to {write_path} ({'whole packets' if full_packets else 'headers only'})")
+    except BrokenPipeError:
+        stdout_closed()  # `kaobs watch | head`: the watch itself stands
+    sys.exit(exit_status(tally(reports), view))

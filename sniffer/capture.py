@@ -144,8 +144,8 @@ class LiveCapture:
     once `duration` seconds have passed since the capture opened. `read()`
     gives what arrived within a timeout, for callers that must also act when
     nothing arrives (alarms, a live view). `hosts` narrows the filter to those
-    addresses. `write` keeps a pcap of the delivered frames, headers only
-    unless `full_packets`. Raises CaptureError with one line for the user when
+    addresses, `expression` (tcpdump's syntax) further. `write` keeps a pcap of the
+    delivered frames, headers only unless `full_packets`, with permissions `write_mode`. Raises CaptureError with one line for the user when
     an interface cannot be opened.
     """
 
@@ -159,6 +159,8 @@ class LiveCapture:
         hosts: Sequence[str] = (),
         duration: float | None = None,
         rcvbuf: int = RCVBUF_BYTES,
+        expression: str | None = None,
+        write_mode: int = 0o600,
     ) -> None:
         if not interfaces:
             raise CaptureError("no interface to capture on")
@@ -166,6 +168,9 @@ class LiveCapture:
         self.ports = list(ports)
         self.hosts = list(hosts)
         self.filter = bpf_filter(self.ports, self.hosts)
+        if expression:  # the user's tcpdump expression narrows the kernel filter further
+            self.filter = f"({self.filter}) and ({expression})"
+        self.write_mode = write_mode
         self.write_path = write
         self.full_packets = full_packets
         self.duration = duration
@@ -207,7 +212,8 @@ class LiveCapture:
                 except ImportError as error:  # pragma: no cover - shipped with kaobs
                     raise CaptureError(f"cannot write pcap files: {error}") from None
                 try:
-                    self._writer = PcapWriter(self.write_path, self.linktype, MAX_FRAME, flush_every=64)
+                    self._writer = PcapWriter(self.write_path, self.linktype, MAX_FRAME, flush_every=64,
+                                              mode=self.write_mode)
                 except OSError as error:
                     raise CaptureError(f"cannot write {self.write_path}: {error.strerror or error}") from None
             self._wake_r, self._wake_w = os.pipe()

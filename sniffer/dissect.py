@@ -305,6 +305,50 @@ def dissect_frame(linktype: int, data: bytes | memoryview, frame: int = 1, t: fl
     return make_dissector(linktype)(data, 0, len(data), frame, t, len(data))
 
 
+# Frames cut by a snaplen before their TCP header: what to tell the user.
+
+TCP_HEADER_MAX = 60
+"""The longest TCP header (40 bytes of options): a snaplen that keeps it keeps everything kaobs reads."""
+SAFE_SNAPLEN = 128
+"""What to suggest when a frame is cut too early to tell its layout (kaobs's own live capture keeps 128)."""
+
+
+def make_cut_check(linktype: int) -> Callable[..., "int | None"]:
+    """``needed(buf, off, end) -> int | None`` for a frame that gave no record and was captured short.
+
+    For a frame that is (or, cut too early to tell, may be) a TCP segment cut
+    before the end of its 20-byte TCP base header: the snaplen that would have
+    kept its whole TCP header. None for a frame that is complete enough to be
+    something else (UDP, ARP, a later fragment). Called only for frames the
+    dissector gave nothing for, so it costs nothing on the common path.
+    """
+    link = _link_for(linktype)
+
+    def needed(buf, off: int, end: int) -> int | None:
+        ip, version = link(buf, off, end)
+        if not version:
+            return SAFE_SNAPLEN if ip >= end else None  # cut inside the link header: cannot tell
+        if version == 4:
+            if ip >= end:  # not one byte of the IP header: its options are unknown
+                return max(SAFE_SNAPLEN, ip - off + 20 + TCP_HEADER_MAX)
+            if ip + 20 > end:
+                return ip - off + max((buf[ip] & 15) << 2, 20) + TCP_HEADER_MAX
+            ihl = (buf[ip] & 15) << 2
+            frag, proto = _U16.unpack_from(buf, ip + 6)[0], buf[ip + 9]
+            if proto != _TCP or frag & 0x1FFF or ihl < 20:
+                return None
+            return ip - off + ihl + TCP_HEADER_MAX if ip + ihl + 20 > end else None
+        found = _ipv6_transport(buf, ip, end, end)
+        if found is None:
+            return max(end - off, ip - off + 40) + TCP_HEADER_MAX
+        proto, tcp = found[0], found[1]
+        if proto != _TCP:
+            return None
+        return tcp - off + TCP_HEADER_MAX if tcp + 20 > end else None
+
+    return needed
+
+
 # Header boundaries, for the headers-only writer and for duplicate detection.
 
 def _header_ends(link, buf, off: int, end: int) -> tuple[int, int, int | None]:

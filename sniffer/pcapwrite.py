@@ -21,12 +21,17 @@ split it.
 from __future__ import annotations
 
 import os
+import stat
 from struct import Struct
 from types import TracebackType
 
 from sniffer.dissect import frame_snap_end, linktype_name, make_dissector
 from sniffer.pcapfile import CaptureStats, Warn, walk_records
 from sniffer.records import CaptureError
+
+PRIVATE_MODE = 0o600
+"""Who may read a capture kaobs writes, by default: only its owner. Even headers-only files say who talked to
+the database and when; with --full-packets they hold query text and passwords."""
 
 DEFAULT_SNAPLEN = 262144
 """tcpdump's default: a whole frame fits, so `full=True` keeps everything."""
@@ -50,7 +55,8 @@ class PcapWriter:
 
     ``PcapWriter(path, linktype, snaplen)`` creates (or truncates) `path` and
     writes the file header at once, so even a capture that sees no packet
-    leaves a valid file. `nsec` writes nanosecond timestamps; `name` is
+    leaves a valid file, readable by its owner only unless `mode` says
+    otherwise. `nsec` writes nanosecond timestamps; `name` is
     what messages call the file (default: `path`). Records are
     written to the file every `flush_every` records (1: each record, the
     default, which is what a capture that may be killed wants) and on
@@ -61,7 +67,7 @@ class PcapWriter:
     """
 
     def __init__(self, path: str | os.PathLike, linktype: int, snaplen: int = DEFAULT_SNAPLEN, *,
-                 nsec: bool = False, flush_every: int = 1, name: str | None = None):
+                 nsec: bool = False, flush_every: int = 1, name: str | None = None, mode: int = PRIVATE_MODE):
         if not 0 < snaplen <= 0x7FFFFFFF:
             raise ValueError(f"snaplen must be positive, not {snaplen}")
         if not _readable(linktype):  # the headers-only cut must understand the frames
@@ -79,7 +85,7 @@ class PcapWriter:
         """Captured bytes not written because they were payload (or beyond the snaplen)."""
         self._pending: list[bytes] = []
         try:
-            self._file = open(path, "wb", buffering=0)
+            self._file = _open_private(path, mode)
         except OSError as error:
             raise self._error("cannot write", error) from None
         self._pending.append(_FILE_HEADER.pack(_NSEC_MAGIC if nsec else _USEC_MAGIC, 2, 4, 0, 0,
@@ -151,6 +157,23 @@ class PcapWriter:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _open_private(path: str | os.PathLike, mode: int):
+    """Create or truncate `path` for writing with permissions `mode` (unbuffered).
+
+    A new file gets `mode` (less the umask); an existing regular file is set
+    to exactly `mode` too, since truncating keeps its old, maybe wider,
+    permissions. Anything else (a fifo, /dev/null, a terminal) is left as it is.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchmod(fd, mode)
+        return os.fdopen(fd, "wb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def strip_payloads(src: str | os.PathLike, dst: str | os.PathLike, *, warn: Warn | None = None,

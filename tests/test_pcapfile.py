@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from kaobs.cli import run as kaobs_run
+from sniffer.dissect import dissect_frame
 from sniffer.pcapfile import CaptureReader, CaptureStats, read_segments, walk_records
 from sniffer.records import ACK, CaptureError, TcpSegment
 from tests.pcap_builders import (
@@ -218,7 +219,17 @@ def test_snaplen_truncation(tmp_path, linktype, family, link_len):
         segments, stats, warned = read(write(tmp_path, f"snap{snaplen}.pcap", data))
         whole = [i for i in range(len(packets)) if link_len + ip_header[i] + 20 <= snaplen]
         assert_same(segments, expected([packets[i] for i in whole], [i + 1 for i in whole], [stamps[i] for i in whole]))
-        assert (stats.packets, stats.segments, stats.complete, warned) == (9, len(whole), True, [])
+        assert (stats.packets, stats.segments, stats.complete) == (9, len(whole), True)
+        # What was cut is counted and said, with a snaplen that keeps every TCP header whole.
+        assert stats.cut_by_snaplen == 9 - len(whole)
+        if whole == list(range(9)):
+            assert warned == []
+        else:
+            [warning] = warned
+            assert f"{9 - len(whole)} packet(s) were cut by the capture's snaplen" in warning
+            needed = max(link_len + ip_header[i] + 60 for i in range(9) if i not in whole)
+            assert stats.snaplen_needed >= needed and f"tcpdump -s {stats.snaplen_needed})" in warning
+            assert stats.snaplen_needed <= 128
 
 
 def test_non_tcp_is_skipped_but_numbered(tmp_path):
@@ -282,19 +293,22 @@ def test_pcapng_epb_spb_pb_and_other_blocks(tmp_path):
     assert (stats.format, stats.packets, stats.complete, warned) == ("pcapng", 9, True, [])
 
 
-def test_pcapng_simple_packet_blocks_with_snaplen(tmp_path):
-    """SPBs carry no timestamp: kaobs keeps the last one seen; the data is cut at the IDB's snaplen."""
+def test_pcapng_simple_packet_blocks_are_counted_not_timed(tmp_path):
+    """SPBs carry no timestamp: their packets are numbered and counted, their flows noted, never analysed."""
     packets = conversation()
     stamps = times(2)
     f = [frame_for(1, p) for p in packets]
     snap = 60
     blocks = [shb(), idb(1, snaplen=snap), epb(0, stamps[0], f[0]),
               *[spb(x[:snap], wirelen=len(x)) for x in f[1:8]], epb(0, stamps[1], f[8])]
-    segments, stats, _ = read(write(tmp_path, "spb.pcapng", b"".join(blocks)))
-    assert [s.frame for s in segments] == list(range(1, 10))
-    assert [s.payload_len for s in segments] == [len(p.payload) for p in packets]
-    assert [s.seq for s in segments] == [p.seq for p in packets]
-    assert segments[1].t == segments[0].t and segments[8].t == pytest.approx(stamps[1] / 1e9, abs=5e-7)
+    segments, stats, warned = read(write(tmp_path, "spb.pcapng", b"".join(blocks)))
+    assert [s.frame for s in segments] == [1, 9]
+    assert (stats.packets, stats.segments, stats.untimed) == (9, 2, 7)
+    assert segments[1].t == pytest.approx(stamps[1] / 1e9, abs=5e-7)
+    # The data is cut at the IDB's snaplen; the headers are there, and name both directions of the flow.
+    assert stats.untimed_flows == {dissect_frame(1, x)[2] for x in f[1:8]} and len(stats.untimed_flows) == 2
+    [warning] = warned
+    assert "7 packet(s) in pcapng Simple Packet Blocks" in warning and "no timestamp" in warning
 
 
 def test_pcapng_interfaces_with_different_link_types_and_resolutions(tmp_path):
@@ -539,7 +553,7 @@ def test_errors_are_one_line_capture_errors(tmp_path):
         "directory": (tmp_path, "directory"),
         "empty": (write(tmp_path, "empty.pcap", b""), "empty"),
         "text": (write(tmp_path, "notes.pcap", b"hello, this is not a capture\n"), "not a pcap"),
-        "gzip": (write(tmp_path, "c.pcap.gz", gzip.compress(good)), "gzip"),
+        "gzip of text": (write(tmp_path, "notes.gz", gzip.compress(b"hello, not a capture\n")), "gzip-compressed"),
         "ieee80211": (write(tmp_path, "wifi.pcap", pcap([], 105)), "105"),
         "ieee80211 in pcapng": (write(tmp_path, "wifi.pcapng", shb() + idb(105)), "105"),
         "cut pcap header": (write(tmp_path, "short.pcap", good[:20]), "file header"),
@@ -670,7 +684,7 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize("name, make, needle", [
-    ("c.pcap.gz", lambda: gzip.compress(pcap([], 1)), "gzip"),
+    ("c.pcap.gz", lambda: gzip.compress(b"not a capture, compressed"), "gzip-compressed"),
     ("short.pcap", lambda: pcap([], 1)[:13], "file header"),
     ("wifi.pcapng", lambda: shb() + idb(105) + epb(0, 0, bytes(40)), "105"),
     ("bad.pcapng", lambda: b"\x0a\x0d\x0d\x0a" + bytes(40), "not a pcap"),

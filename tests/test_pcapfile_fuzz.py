@@ -95,7 +95,8 @@ def read_mangled(path: Path, data: bytes) -> tuple[list[TcpSegment] | None, list
     frames = [s.frame for s in segments]
     assert frames == sorted(set(frames)) and (not frames or frames[0] >= 1)
     assert reader.stats.packets >= len(segments) and reader.stats.segments >= len(segments)
-    assert reader.stats.complete == (not warned) and reader.stats.warnings == warned
+    damage = [message for message in warned if "analysed what was there" in message]
+    assert reader.stats.complete == (not damage) and reader.stats.warnings == warned
     for s in segments:
         assert isinstance(s, TcpSegment)
         assert 0 <= s.sport < 65536 and 0 <= s.dport < 65536 and 0 <= s.window < 65536
@@ -117,7 +118,7 @@ def test_truncation_gives_a_prefix(tmp_path, name, cut):
         assert cut < 28
         return
     assert segments == whole[:len(segments)]
-    assert len(warned) <= 1
+    assert len([message for message in warned if "analysed what was there" in message]) <= 1
 
 
 @FUZZ

@@ -13,7 +13,6 @@ wrong one must end with exit 1).
 """
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -30,9 +29,11 @@ from analysis.verdict import ConnectionReport, judge_connection
 from kaobs.lab.docker import (
     DEFAULT_IMAGE,
     IMAGE_ENV,
+    LOCAL_IMAGE,
     check_docker,
     check_image,
     check_tools,
+    default_image,
 )
 from kaobs.lab.plan import expected_end
 from kaobs.lab.run import LabEvent, LabRun
@@ -53,7 +54,8 @@ from kaobs.lab.scenario import (
     sysctl_items,
     vanishing_side,
 )
-from kaobs.options import Output, UserError, expectation_options, idle_cut_option, make_output, output_options
+from kaobs.options import (FiniteFloatRange, Output, UserError, expectation_options, idle_cut_option, make_output,
+                           output_options, stdout_closed, write_mode_option)
 from kaobs.report import TextOptions, echo_json, error_console, render_text, text_console, to_json
 from kaobs.status import exit_status
 from kaobs.watch import run_live
@@ -163,7 +165,7 @@ def lab_json(lab: LabRun, image: str) -> dict:
 
 
 @click.command(short_help="Run the keepalive experiment live in Docker, then clean up.")
-@click.option("--image", default=lambda: os.environ.get(IMAGE_ENV, DEFAULT_IMAGE), show_default=f"${IMAGE_ENV} or {DEFAULT_IMAGE}",
+@click.option("--image", default=None, show_default=f"${IMAGE_ENV}, else {DEFAULT_IMAGE}, else {LOCAL_IMAGE} when only it is here",
               help="Postgres image (official interface); never pulled. CI uses kaobs/postgres:15-local.")
 @click.option("--tcp-keepalives-idle", "idle", default=None, metavar="VALUE",
               help="Server GUC tcp_keepalives_idle (Postgres units; 0 = kernel default). Default 3, or 1.5 x "
@@ -191,18 +193,19 @@ def lab_json(lab: LabRun, image: str) -> dict:
                    "comes back after the server's abort and closes its sessions; none.")
 @click.option("--answered", type=click.IntRange(0, 100), default=2, show_default=True,
               help="The fault comes after this many answered probes of the side that must notice it.")
-@click.option("--fault-after", type=click.FloatRange(0, 600), default=None, metavar="S",
+@click.option("--fault-after", type=FiniteFloatRange(0, 600), default=None, metavar="S",
               help="Bound on that wait: the fault comes S seconds after the client went idle at the latest.")
-@click.option("--duration", type=click.FloatRange(1, 600), default=None, metavar="S",
+@click.option("--duration", type=FiniteFloatRange(1, 600), default=None, metavar="S",
               help="Stop S seconds after the client went idle at the latest (default: from the settings).")
-@click.option("--write", "write_path", metavar="FILE.pcap", type=click.Path(dir_okay=False),
+@click.option("--write", "-w", "write_path", metavar="FILE.pcap", type=click.Path(dir_okay=False),
               help="Keep the capture: headers only unless --full-packets.")
 @click.option("--full-packets", is_flag=True, help="With --write, keep whole packets.")
+@write_mode_option
 @expectation_options
 @idle_cut_option
 @output_options
 def lab(image, idle, interval, count, user_timeout, settings, server_sysctl, client_sysctl, libpq, sessions, fault,
-        answered, fault_after, duration, write_path, full_packets, expect, client_dsn, sysctls, ports, hz,
+        answered, fault_after, duration, write_path, full_packets, write_mode, expect, client_dsn, sysctls, ports, hz,
         output_format, idle_cut=None, only=(), summary=False, show_all=False, quiet=False, color="auto") -> None:
     """Run the seed's experiment live in Docker: probes, fault, abort, verdict; then clean up.
 
@@ -226,15 +229,16 @@ def lab(image, idle, interval, count, user_timeout, settings, server_sysctl, cli
         build_expectations(expect, client_dsn, sysctls)  # bad --expect: one line now, not after the run
         check_docker()
         check_tools()
+        image = image or default_image()
         check_image(image)
     except (LabError, ExpectationError) as error:
         raise UserError(str(error)) from None
     sys.exit(run_lab(scenario, image, user=user, hz=int(hz), output_format=output_format, write_path=write_path,
-                     full_packets=full_packets, fault_label=fault, output=output))
+                     full_packets=full_packets, fault_label=fault, output=output, write_mode=write_mode))
 
 
 def run_lab(scenario: Scenario, image: str, *, user, hz: int, output_format: str, write_path: str | None,
-            full_packets: bool, fault_label: str, output: Output | None = None) -> int:
+            full_packets: bool, fault_label: str, output: Output | None = None, write_mode: int = 0o600) -> int:
     """Set up, run live, judge, print, clean up. Returns the exit status; raises UserError when the lab fails."""
     output = output or Output(TextOptions())
     console = text_console(output.color)
@@ -256,7 +260,7 @@ def run_lab(scenario: Scenario, image: str, *, user, hz: int, output_format: str
     if in_main:
         signal.signal(signal.SIGTERM, interrupt)
         signal.signal(signal.SIGINT, interrupt)
-    lab = LabRun(scenario, image, write=write_path, full_packets=full_packets, on_event=on_event)
+    lab = LabRun(scenario, image, write=write_path, full_packets=full_packets, on_event=on_event, write_mode=write_mode)
     gone = vanishing_side(scenario.fault)
     cut = f"{scenario.idle_cut:g}" if scenario.idle_cut is not None else "?"
     plan = {FAULT_NONE: "no fault", FAULT_STOPS_READING: "the client stops reading a large result",
@@ -308,6 +312,17 @@ def run_lab(scenario: Scenario, image: str, *, user, hz: int, output_format: str
         raise UserError("interrupted; everything the lab created was removed")
     run, reports = result
     expectations = lab_expectations(lab, reports[0].connection.client.endpoint, user) if reports else lab.default_expectations()
+    try:
+        _print_lab_report(console, err, lab, run, reports, expectations, image, output_format, user, gone, write_path,
+                          full_packets, output)
+    except BrokenPipeError:
+        stdout_closed()  # `kaobs lab | head`: the lab ran all the same
+    return exit_status(tally(reports))
+
+
+def _print_lab_report(console, err, lab: LabRun, run: AnalysisRun, reports: list[ConnectionReport],
+                      expectations: Expectations, image: str, output_format: str, user, gone: str | None,
+                      write_path: str | None, full_packets: bool, output: Output) -> None:
     if output_format == "json":
         document = to_json(run, reports, expectations)
         document["lab"] = lab_json(lab, image)
@@ -324,4 +339,3 @@ def run_lab(scenario: Scenario, image: str, *, user, hz: int, output_format: str
             console.print(f"capture written to {write_path} ({'whole packets' if full_packets else 'headers only'})")
         if not output.quiet:
             err.print(f"lab: removed the containers and network of run {lab.env.run_id}", style="dim", highlight=False)
-    return exit_status(tally(reports))

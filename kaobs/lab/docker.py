@@ -180,6 +180,29 @@ def check_docker() -> None:
                        + (f"; docker says: {said}" if said else ""))
 
 
+def image_present(image: str) -> bool:
+    try:
+        done = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", image], capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def default_image() -> str:
+    """The image `kaobs lab` runs without --image: $KAOBS_LAB_IMAGE; else `postgres`, unless only the local build is here.
+
+    scripts/setup.sh builds kaobs/postgres:15-local (no registry needed) and the lab never pulls, so on such a
+    machine `kaobs lab` as the README writes it would otherwise stop at "image 'postgres' is not present".
+    """
+    chosen = os.environ.get(IMAGE_ENV)
+    if chosen:
+        return chosen
+    if not image_present(DEFAULT_IMAGE) and image_present(LOCAL_IMAGE):
+        return LOCAL_IMAGE
+    return DEFAULT_IMAGE
+
+
 def check_image(image: str) -> None:
     """The lab never pulls: an image that is not here is one line with what to do."""
     done = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", image], capture_output=True, text=True, timeout=30)

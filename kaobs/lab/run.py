@@ -117,11 +117,13 @@ class LabRun:
     """
 
     def __init__(self, scenario: Scenario, image: str, *, write: str | None = None, full_packets: bool = False,
+                 write_mode: int = 0o600,
                  on_event: Callable[[LabEvent], None] | None = None, log: Callable[[str], None] | None = None) -> None:
         self.scenario = scenario
         self.image = image
         self.write = write
         self.full_packets = full_packets
+        self.write_mode = write_mode
         self.on_event = on_event
         self.bound = time_bound(scenario)
         self.env = LabEnvironment(scenario, image, log=log or (lambda m: self._note("setup", m)),
@@ -178,7 +180,7 @@ class LabRun:
     def capture(self) -> TappedCapture:
         """The live capture on the lab bridge; open it before `start()` so the handshake is seen."""
         self._capture = TappedCapture(
-            [self.env.bridge], [self.scenario.port], write=self.write, full_packets=self.full_packets,
+            [self.env.bridge], [self.scenario.port], write=self.write, full_packets=self.full_packets, write_mode=self.write_mode,
             tap=self.watch.feed, duration=self.bound + READY_TIMEOUT_S)
         return self._capture
 
