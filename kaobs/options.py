@@ -101,7 +101,8 @@ def output_options(function):
     options = [
         click.option("--only", "only", multiple=True, type=click.Choice(ONLY_CHOICES),
                      help="List only these connections in the text report (repeatable): mismatch (settings the "
-                          "packets contradict), abort (ended by a keepalive abort), probing (keepalive probes seen). "
+                          "packets contradict), abort (ended by a keepalive abort), probing (keepalive probes seen), path (a "
+                          "middlebox cut it, or data stuck in flight). "
                           "The totals still count every connection."),
         click.option("--summary", is_flag=True,
                      help="One line per connection in the text report (id, verdict, endpoints, backend, the reason) "

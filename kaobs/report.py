@@ -342,11 +342,11 @@ def render_text(
         out(f"No Postgres connection in {', '.join(run.sources)} ({run.segments} TCP segments, none on the "
             f"server port{_filtered_words(run)}).")
         return counts
+    if options.summary and listed:
+        out()
     for line, style in path_lines(path, expectations):
         body = line.lstrip(" ")
         out(Text(body, style=style), indent=len(line) - len(body), hang=6)
-    if options.summary and listed:
-        out()
     if listed > 1 and not (options.only and options.only <= {"mismatch", "abort"}):
         triage.render(out)
     if quiet:
