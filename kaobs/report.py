@@ -10,6 +10,7 @@ does not set the memory kaobs needs.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -28,7 +29,7 @@ from analysis.pipeline import AnalysisRun, tally
 from analysis.settings import CLIENT, ENABLED_KEY, SERVER, SETTINGS
 from analysis.tolerance import PROCESSING_SLACK_S
 from analysis.verdict import VERDICTS, Check, ConnectionReport, Finding, SideReport
-from analysis.words import utc_clock
+from analysis.words import age, utc_clock
 
 JSON_FORMAT_VERSION = 1
 TIMELINE_HEAD = 12
@@ -557,6 +558,8 @@ def render_connection(
     if not conn.saw_syn:
         when.append(" (began before the capture)", style="dim")
     out(when, indent=4)
+    for line in strip_lines(report, strip_glyphs(console.encoding)):
+        out(line, indent=4, hang=8)
     for line in timeline(report):
         out(line, indent=4, hang=13)
     if postgres is not None:
@@ -711,6 +714,131 @@ def render_postgres(console: Console, postgres: PostgresView) -> None:
         indent = len(line) - len(line.lstrip(" "))
         out(Text(line.lstrip(" "), style=style), indent=indent, hang=2)
     console.print()
+
+
+# -- the strip: a connection's keepalive episode at a glance, one line per side --------------------------
+
+STRIP_GLYPHS = {"answered": "\u2713", "unanswered": "\u2717", "dot": "\u00b7", "resend": "\u21bb", "cut": "\u2702",
+                "times": "\u00d7"}
+"""✓ answered probe, ✗ unanswered (as the prober saw it), · idle, ↻ retransmission, ✂ the path's cut, × a run."""
+PLAIN_GLYPHS = {"answered": "+", "unanswered": "x", "dot": "-", "resend": "~", "cut": "%", "times": "*"}
+"""For an output whose encoding has no such characters (PYTHONIOENCODING=latin-1, a legacy locale): a
+traceback there would lose the whole report."""
+STRIP_RUN = 4
+"""This many equal probes in a row, or more, are written once with their count (✓×12)."""
+STRIP_WIDTH = 68
+"""What a strip may take at 80 columns: the block's indent (4) and the side's name (8) come first."""
+
+
+def strip_glyphs(encoding: str | None) -> dict[str, str]:
+    """The strip's glyphs, or plain ones when the output's encoding cannot write them."""
+    try:
+        "".join(STRIP_GLYPHS.values()).encode(encoding or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        return PLAIN_GLYPHS
+    return STRIP_GLYPHS
+
+
+def strip_lines(report: ConnectionReport, glyphs: dict[str, str] = STRIP_GLYPHS) -> list[str]:
+    """``server  data ···idle 3.0 s··· ✓ ✓ ✗ ✗ ✗ RST``: each side's keepalive episode in one line.
+
+    Per side that probed, aborted, stalled or sent zero-window probes, in time
+    order: the last packet it accepted before an idle (``data``) and how long
+    the idle ran until its first probe, each probe answered (✓) or not (✗),
+    data it sent that the peer never took (``data ↻×5``, and how that ended),
+    then how the side ended (``RST``, ``FIN``) and the path's cut (``✂``).
+    A run of equal probes is written once with its count, so a strip fits
+    80 columns.
+    """
+    cut = report.path_cut
+    lines = []
+    for side in (report.server, report.client):
+        items = _strip_items(report, side, glyphs)
+        if not items:
+            continue
+        if cut is not None:
+            how = f"{glyphs['cut']}path {'RST' if cut.kind == 'reset' else cut.kind}"
+            items.append((cut.t, how + (" (inferred)" if cut.inferred else "")))
+        items.sort(key=lambda item: item[0])
+        tokens = _runs([token for _, token in items], glyphs, STRIP_RUN)
+        if len(" ".join(tokens)) > STRIP_WIDTH:
+            tokens = _runs(tokens, glyphs, 2)
+        lines.append(f"{side.role:<6}  " + " ".join(tokens))
+    if not lines and cut is not None and cut.idle_before is not None:
+        dots = _dots(cut.idle_before, glyphs)
+        how = "RST" if cut.kind == "reset" else cut.kind
+        lines.append(f"path    {dots}silent {age(cut.idle_before)}{dots} {glyphs['cut']}{how}"
+                     + (" (inferred)" if cut.inferred else ""))
+    return lines
+
+
+def _dots(seconds: float, glyphs: dict[str, str]) -> str:
+    """Longer idles get a few more dots: 3 up to 10 s, 6 from 1000 s."""
+    return glyphs["dot"] * (3 + min(3, max(0, int(math.log10(max(seconds, 1.0))))))
+
+
+def _strip_items(report: ConnectionReport, side: SideReport, glyphs: dict[str, str]) -> list[tuple[float, str]]:
+    endpoint = side.endpoint
+    items: list[tuple[float, str]] = []
+    previous_answer: float | None = None
+    for number, view in enumerate(side.probes, 1):
+        probe = view.probe
+        if view.index == 1 and view.anchor is not None and view.anchor != previous_answer:
+            dots = _dots(probe.t - view.anchor, glyphs)
+            items.append((view.anchor, f"data {dots}idle {age(probe.t - view.anchor)}{dots}"))
+        elif number == 1 and view.anchor is None:
+            items.append((probe.t, glyphs["dot"] * 2))  # the capture began during the probes
+        items.append((probe.t, glyphs["answered"] if view.answered else glyphs["unanswered"]))
+        previous_answer = probe.answer_t if view.answered else None
+    window_stalls = False
+    for stall in side.stalls:
+        if stall.outcome == "acked" and stall.retransmissions < 3:
+            continue  # a lost segment resent once or twice is just TCP
+        first = stall.stall.first_sent
+        idle = stall.stall.idle_before
+        if idle is not None and idle >= 1:
+            dots = _dots(idle, glyphs)
+            items.append((first, f"{dots}idle {age(idle)}{dots}"))
+        if stall.kind == WINDOW:
+            window_stalls = True
+            what = f"0-window{glyphs['times']}{stall.retransmissions}"
+        else:
+            what = f"data {glyphs['resend']}{glyphs['times']}{stall.retransmissions}"
+        ending = {"gave_up": " gave up", "reset": "", "acked": " ACK"}.get(stall.outcome, "")
+        items.append((first, what + ending))
+    if endpoint.window_probes and not window_stalls:
+        first = next(p.t for p in endpoint.probes if p.kind == WINDOW)
+        items.append((first, f"0-window{glyphs['times']}{endpoint.window_probes}"))
+    if not items and side.abort is None:
+        return []
+    cut = report.path_cut
+    if side.abort is not None:
+        items.append((side.abort.t, "RST"))
+    elif endpoint.reset is not None and not (cut is not None and cut.kind == "reset" and cut.t == endpoint.reset.t):
+        items.append((endpoint.reset.t, "RST"))
+    if endpoint.fin_t is not None:
+        items.append((endpoint.fin_t, "FIN"))
+    after = report.after_end
+    if after is not None and after.side == side.role:
+        items.append((after.t, "returns"))
+    return items
+
+
+def _runs(tokens: list[str], glyphs: dict[str, str], least: int) -> list[str]:
+    """Runs of `least` or more equal probe glyphs written once with their count: ✓×12."""
+    out: list[str] = []
+    i = 0
+    singles = (glyphs["answered"], glyphs["unanswered"])
+    while i < len(tokens):
+        j = i
+        while j < len(tokens) and tokens[j] == tokens[i]:
+            j += 1
+        if tokens[i] in singles and j - i >= least:
+            out.append(f"{tokens[i]}{glyphs['times']}{j - i}")
+        else:
+            out.extend(tokens[i:j])
+        i = j
+    return out
 
 
 def timeline(report: ConnectionReport) -> list[str]:
