@@ -269,6 +269,8 @@ class TextOptions:
     only: frozenset[str] = frozenset()
     summary: bool = False
     show_all: bool = False
+    connection: int | None = None
+    """--connection N: only that connection."""
 
 
 class Lines:
@@ -334,7 +336,7 @@ def render_text(
                 out(summary_line(report, postgres))
             else:
                 render_connection(console, report, expectations, postgres=postgres, legend=legend)
-        elif options.only:
+        elif options.only or options.connection is not None:
             filtered += 1
         else:
             quiet += 1
@@ -348,12 +350,16 @@ def render_text(
     for line, style in path_lines(path, expectations):
         body = line.lstrip(" ")
         out(Text(body, style=style), indent=len(line) - len(body), hang=6)
+    if options.connection is not None and not listed:
+        out(f"no connection #{options.connection} (the connections are numbered 1 to {total})", style="yellow")
     if listed > 1 and not (options.only and options.only <= {"mismatch", "abort"}):
         triage.render(out)
     if quiet:
         out(f"{quiet} connection(s) without keepalive activity not listed (--all lists them)", style="dim")
     if filtered:
-        out(f"{filtered} connection(s) not listed (--only {','.join(sorted(options.only))})", style="dim")
+        chosen = (f"--connection {options.connection}" if options.connection is not None
+                  else f"--only {','.join(sorted(options.only))}")
+        out(f"{filtered} connection(s) not listed ({chosen})", style="dim")
     parts = [f"{n} {v}" for v, n in counts.items() if n]
     out(f"{total} connection(s): " + ", ".join(parts) + f"  [{run.packets} packets, {run.segments} TCP segments"
         + _filtered_words(run) + "]")
@@ -391,6 +397,8 @@ def report_kinds(report: ConnectionReport, postgres: PostgresView | None = None)
 
 
 def _is_listed(report: ConnectionReport, kinds: frozenset[str], options: TextOptions) -> bool:
+    if options.connection is not None:
+        return report.connection.index == options.connection
     if options.only:
         return bool(kinds & options.only)
     return options.show_all or bool(kinds) or not _without_activity(report)
