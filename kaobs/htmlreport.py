@@ -17,10 +17,14 @@ drawn for at most `LANES_PER_KIND` connections of each kind of trouble
 a keepalive abort) and `OTHER_LANES` others, probing ones first. A lane is
 rendered when its report arrives and kept on a temporary file, so a
 capture of a million packets holds no more than a few reports at a time.
+Bokeh's Python side costs about 0.1 s a figure, which is what bounds the
+lanes; in the browser each figure is drawn when it scrolls into view, so a
+page of fifty lanes opens as fast as one of three.
 """
 from __future__ import annotations
 
 import html
+import json
 import math
 import shutil
 import tempfile
@@ -75,9 +79,9 @@ from kaobs.report import (
     timeline,
 )
 
-LANES_PER_KIND = 20
+LANES_PER_KIND = 10
 """Connections drawn per kind of trouble; more are counted in the overview."""
-OTHER_LANES = 20
+OTHER_LANES = 10
 """Connections without trouble drawn (probing ones first); more are counted."""
 PROBLEM_ROWS = 40
 """Rows per kind of trouble in the overview's table (as the text report's triage)."""
@@ -286,7 +290,7 @@ def _lane_figure(episode: Episode, endpoints: dict[str, str]):
     points: dict[str, list[Any]] = {k: [] for k in ("x", "y", "marker", "size", "fill", "line", "kind", "text",
                                                      "when")}
     links: dict[str, list[float]] = {k: [] for k in ("x0", "y0", "x1", "y1")}
-    labels: dict[str, list[Any]] = {k: [] for k in ("x", "y", "text", "color")}
+    labels: dict[str, list[Any]] = {k: [] for k in ("x", "y", "text", "color", "away")}
     probe_at: dict[tuple[str, int], float] = {}
     for mark in episode.marks:
         marker, size, fill = _MARK_STYLE[mark.kind]
@@ -315,6 +319,7 @@ def _lane_figure(episode: Episode, endpoints: dict[str, str]):
         if label is not None:
             labels["x"].append(x)
             labels["y"].append(y + 0.22)
+            labels["away"].append(0.16)  # up, away from its lane
             labels["text"].append(label)
             labels["color"].append(color)
     for deadline in episode.deadlines:
@@ -326,6 +331,7 @@ def _lane_figure(episode: Episode, endpoints: dict[str, str]):
             points[key].append(value)
         labels["x"].append(x)
         labels["y"].append(y - 0.62)  # under the lane, clear of the marks' own labels
+        labels["away"].append(-0.14)
         labels["text"].append(label)
         labels["color"].append(color)
         plot.segment(x0=[x], y0=[y - 0.42], x1=[x], y1=[y + 0.42], line_dash="dashed", line_width=1.5,
@@ -333,14 +339,15 @@ def _lane_figure(episode: Episode, endpoints: dict[str, str]):
     for gap in axis.gaps:
         labels["x"].append((axis.x(gap.start) + axis.x(gap.end)) / 2)
         labels["y"].append(2.55)
+        labels["away"].append(0.12)
         labels["text"].append(f"\u2248 {age(gap.end - gap.start)}")
         labels["color"].append(MUTED)
-    _spread(labels, min_distance=(right - left) * 0.07)
+    _spread(labels, min_distance=(right - left) * 0.1)
     plot.segment(x0="x0", y0="y0", x1="x1", y1="y1", source=ColumnDataSource(links), line_color="#999999",
                  line_width=1, name="answers")
     point_renderer = plot.scatter(x="x", y="y", marker="marker", size="size", fill_color="fill", line_color="line",
                                   line_width=2, source=ColumnDataSource(points), name="points")
-    plot.text(x="x", y="y", text="text", text_color="color", text_font_size="10px", text_align="center",
+    plot.text(x="x", y="y", text="text", text_color="color", text_font_size="10px", text_align="align",
               text_baseline="bottom", source=ColumnDataSource(labels), name="labels")
     plot.add_layout(BoxAnnotation(bottom=0.62, top=1.38, fill_color=SIDE_COLOR[PATH], fill_alpha=0.04,
                                   line_color=None))
@@ -350,15 +357,20 @@ def _lane_figure(episode: Episode, endpoints: dict[str, str]):
 
 
 def _spread(labels: dict[str, list[Any]], min_distance: float) -> None:
-    """Labels on one line closer than `min_distance` are moved up a line each, so that none hides another."""
-    order = sorted(range(len(labels["x"])), key=lambda i: (labels["y"][i], labels["x"][i]))
-    placed: list[tuple[float, float]] = []
+    """Labels on one line closer than `min_distance`: the first leans left, the next right; a third one in the
+    same cluster moves a line away from its lane (up above a lane, down below one), so none hides another."""
+    labels["align"] = ["center"] * len(labels["x"])
+    order = sorted(range(len(labels["x"])), key=lambda i: (round(labels["y"][i], 3), labels["x"][i]))
+    previous: int | None = None
     for i in order:
-        x, y = labels["x"][i], labels["y"][i]
-        while any(abs(x - px) < min_distance and abs(y - py) < 0.1 for px, py in placed):
-            y += 0.16
-        labels["y"][i] = y
-        placed.append((x, y))
+        if previous is not None and labels["y"][previous] == labels["y"][i] \
+                and labels["x"][i] - labels["x"][previous] < min_distance:
+            if labels["align"][previous] == "center":
+                labels["align"][previous], labels["align"][i] = "right", "left"
+            else:
+                labels["y"][i] += labels["away"][i]
+                continue
+        previous = i
 
 
 def _axis_times(episode: Episode) -> list[float]:
@@ -375,7 +387,8 @@ h1{font-size:20px;margin:18px 0 4px}h2{font-size:16px;margin:0 0 4px}
 .verdict-match{color:#2b8a3e}.verdict-mismatch{color:#c92a2a}.verdict-unverified{color:#8a6d00}
 .verdict-no_keepalive{color:#666}
 section.conn{border-top:1px solid #ddd;padding-top:12px;margin-top:16px}
-.row{display:flex;gap:18px;align-items:flex-start}.lane{flex:1 1 auto;min-width:560px}
+.row{display:flex;gap:18px;align-items:flex-start}.lane{flex:1 1 auto;min-width:560px;min-height:262px}
+.histogram{min-height:262px;max-width:760px}
 aside{flex:0 0 430px;font-size:13px}
 table{border-collapse:collapse;font-size:13px}td,th{padding:1px 8px 1px 0;text-align:left;vertical-align:top}
 pre{font:12px/1.35 ui-monospace,"DejaVu Sans Mono",monospace;margin:4px 0;white-space:pre-wrap}
@@ -457,10 +470,36 @@ class IdleHistogram:
         return plot
 
 
-def _components(model) -> tuple[str, str]:
-    from bokeh.embed import components
+def _figure_html(model, target: str, css_class: str) -> str:
+    """A figure's place in the page and its document as JSON, drawn when it scrolls into view (`_DRAW_JS`).
 
-    return components(model)
+    `json_item` is Bokeh's own serialisation for that; ``</`` is escaped so
+    no text in the figure can close its script element.
+    """
+    from bokeh.embed import json_item
+
+    payload = json.dumps(json_item(model, target), separators=(",", ":")).replace("</", "<\\/")
+    return (f"<div class=\"{css_class}\" id=\"{target}\"></div>"
+            f"<script type=\"application/json\" class=\"bokeh-item\" data-target=\"{target}\">{payload}</script>")
+
+
+_DRAW_JS = """<script>
+(function () {
+  // Each figure is drawn when it comes near the screen: a page of many connections opens at once.
+  var observer = new IntersectionObserver(function (entries) {
+    entries.forEach(function (entry) {
+      if (!entry.isIntersecting) return;
+      observer.unobserve(entry.target);
+      var item = document.querySelector('script.bokeh-item[data-target="' + entry.target.id + '"]');
+      Bokeh.embed.embed_item(JSON.parse(item.textContent), entry.target.id);
+    });
+  }, {rootMargin: "400px 0px"});
+  document.querySelectorAll("script.bokeh-item").forEach(function (item) {
+    observer.observe(document.getElementById(item.dataset.target));
+  });
+})();
+</script>
+"""
 
 
 class HtmlReport:
@@ -541,7 +580,7 @@ class HtmlReport:
         episode = build_episode(report, self._idle_cut(report))
         endpoints = {CLIENT: f"client kernel {conn.client.endpoint}", PATH: "the path",
                      SERVER: f"server kernel {conn.server.endpoint}"}
-        script, div = _components(_lane_figure(episode, endpoints))
+        figure = _figure_html(_lane_figure(episode, endpoints), f"lane-{conn.index}", "lane")
         probes = sum(len(side.probes) for side in (report.server, report.client))
         backend = _backend_words(self.postgres, conn.index)
         head = (f"<h2>#{conn.index} <span class=\"verdict-{report.verdict}\">{report.verdict.upper()}</span> "
@@ -551,8 +590,7 @@ class HtmlReport:
                 f"({conn.end - conn.start:.3f} s), {_e(_end_words(conn.end_reason))}</div>")
         return (f"<section class=\"conn\" id=\"c{conn.index}\" data-connection=\"{conn.index}\" "
                 f"data-verdict=\"{report.verdict}\" data-probes=\"{probes}\">{head}{span}"
-                f"<div class=\"row\"><div class=\"lane\">{div}</div><aside>{self._findings(report)}</aside></div>"
-                f"{script}</section>\n")
+                f"<div class=\"row\">{figure}<aside>{self._findings(report)}</aside></div></section>\n")
 
     def _findings(self, report: ConnectionReport) -> str:
         """Beside the lanes: the strip, the verdict's findings with the settings and where they came from."""
@@ -604,8 +642,6 @@ class HtmlReport:
 
     def finish(self, run: AnalysisRun, expectations: Expectations | None) -> int:
         """Write the page: head, overview, the drawn connections (troubled first); returns how many were drawn."""
-        from bokeh.resources import Resources
-
         for report in self.quiet_waiting:
             if self.drawn["other"] >= self.other_lanes:
                 break
@@ -616,6 +652,8 @@ class HtmlReport:
         return sum(self.drawn.values())
 
     def _write(self, out: IO[str], run: AnalysisRun, expectations: Expectations | None) -> None:
+        from bokeh.resources import Resources
+
         out.write("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
                   f"<title>{_e(self.title)}</title><style>{_CSS}</style>\n")
         out.write(Resources(mode="inline", components=["bokeh"]).render_js())
@@ -629,6 +667,7 @@ class HtmlReport:
             shutil.copyfileobj(spool, out)
             spool.close()
         self.spools.clear()
+        out.write(_DRAW_JS)
         out.write("</body></html>\n")
 
     def _overview(self, run: AnalysisRun, expectations: Expectations | None) -> str:
@@ -661,10 +700,11 @@ class HtmlReport:
                                 "lists them)</td></tr>")
             parts.append(f"<h2>Problems, worst first ({problems})</h2><table>{''.join(rows)}</table>")
         if self.histogram.total:
-            script, div = _components(self.histogram.figure((self.known_path or self.path).idle_cut()))
+            figure = _figure_html(self.histogram.figure((self.known_path or self.path).idle_cut()), "idle-before-death",
+                                  "histogram")
             parts.append(f"<h2>Idle before death ({self.histogram.total} connection(s))</h2>"
                          "<div class=\"muted\">Many connections dying after the same idle are a middlebox's "
-                         f"idle timeout.</div>{div}{script}")
+                         f"idle timeout.</div>{figure}")
         drawn = sum(self.drawn.values())
         if self.total:
             left = self.total - drawn

@@ -106,8 +106,6 @@ class Output:
         if self.html is None:
             return
         folder = os.path.dirname(os.path.abspath(self.html))
-        if os.path.isdir(self.html):
-            raise UserError(f"--html {self.html}: is a directory")
         if not os.path.isdir(folder):
             raise UserError(f"--html {self.html}: no such directory {folder}")
         target = self.html if os.path.exists(self.html) else folder
