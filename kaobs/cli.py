@@ -131,7 +131,7 @@ def analyze(arguments: tuple[str, ...], read_paths: tuple[str, ...], since, unti
         if output.html is not None:
             from kaobs.htmlreport import HtmlReport
 
-            page = HtmlReport(output.html, title=f"kaobs: {', '.join(captures)}", path=analysis.path)
+            page = HtmlReport(output.html, title=f"kaobs: {', '.join(captures)}", path_summary=analysis.path)
         view = None
         try:
             if postgres is None:

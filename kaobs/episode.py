@@ -22,7 +22,7 @@ from analysis.path import IdleCut
 from analysis.settings import CLIENT, SERVER
 from analysis.verdict import ConnectionReport, SideReport
 from analysis.words import age
-from kaobs.report import TRIAGE_KINDS, _probe_events, report_kinds, stall_words
+from kaobs.report import TRIAGE_KINDS, probe_events, report_kinds, stall_words
 
 PATH = "path"
 LANES = (CLIENT, PATH, SERVER)
@@ -130,7 +130,7 @@ def _peer(role: str) -> str:
 def _side_marks(episode: Episode, side: SideReport) -> None:
     report, role, peer = episode.report, side.role, _peer(side.role)
     endpoint = side.endpoint
-    words = [text for _, text in _probe_events(side, episode.start)]
+    words = [text for _, text in probe_events(side, episode.start)]
     previous_answer: float | None = None
     for number, (view, text) in enumerate(zip(side.probes, words), 1):
         probe = view.probe

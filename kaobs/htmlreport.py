@@ -68,9 +68,9 @@ from kaobs.episode import (
 from kaobs.report import (
     TRIAGE_KINDS,
     Legend,
-    _backend_words,
-    _end_words,
-    _observed_cell,
+    backend_words,
+    end_words,
+    observed_cell,
     finding_words,
     path_lines,
     report_kinds,
@@ -238,7 +238,7 @@ def _lane_figure(episode: Episode, endpoints: dict[str, str]):
     from bokeh.plotting import figure
 
     index = episode.report.connection.index
-    axis = broken_axis([t for t in _axis_times(episode)], episode.start)
+    axis = broken_axis(_axis_times(episode), episode.start)
     first = min(episode.times())
     last = max(episode.times())
     left, right = axis.x(first), axis.x(last)
@@ -503,19 +503,20 @@ _DRAW_JS = """<script>
 
 
 class HtmlReport:
-    """The page, built as reports stream by (`add`), written to the file `out` by `finish`.
+    """The page, built as reports stream by (`add`), written to `file` by `finish`.
 
     Every report is counted; lanes are rendered only for the connections
     the page will show (see the module docstring) and kept on temporary
     files, one per kind of trouble, so the troubled come first in the page.
     """
 
-    def __init__(self, out: str, title: str = "kaobs", path: PathSummary | None = None,
+    def __init__(self, file: str, title: str = "kaobs", path_summary: PathSummary | None = None,
                  postgres: PostgresView | None = None, lanes_per_kind: int = LANES_PER_KIND,
                  other_lanes: int = OTHER_LANES) -> None:
-        self.out = out
+        self.file = file
         self.title = title
-        self.known_path = path
+        self.known_path = path_summary
+        """The path across every connection, when the caller gathered it before judging (analyze does)."""
         self.postgres = postgres
         self.lanes_per_kind = lanes_per_kind
         self.other_lanes = other_lanes
@@ -582,12 +583,12 @@ class HtmlReport:
                      SERVER: f"server kernel {conn.server.endpoint}"}
         figure = _figure_html(_lane_figure(episode, endpoints), f"lane-{conn.index}", "lane")
         probes = sum(len(side.probes) for side in (report.server, report.client))
-        backend = _backend_words(self.postgres, conn.index)
+        backend = backend_words(self.postgres, conn.index)
         head = (f"<h2>#{conn.index} <span class=\"verdict-{report.verdict}\">{report.verdict.upper()}</span> "
                 f"{_e(conn.client.endpoint)} \u2192 {_e(conn.server.endpoint)}"
                 + (f" <span class=\"muted\">{_e(backend)}</span>" if backend else "") + "</h2>")
         span = (f"<div class=\"muted\">{utc_clock(conn.start)} .. {utc_clock(conn.end)} UTC "
-                f"({conn.end - conn.start:.3f} s), {_e(_end_words(conn.end_reason))}</div>")
+                f"({conn.end - conn.start:.3f} s), {_e(end_words(conn.end_reason))}</div>")
         return (f"<section class=\"conn\" id=\"c{conn.index}\" data-connection=\"{conn.index}\" "
                 f"data-verdict=\"{report.verdict}\" data-probes=\"{probes}\">{head}{span}"
                 f"<div class=\"row\">{figure}<aside>{self._findings(report)}</aside></div></section>\n")
@@ -610,7 +611,7 @@ class HtmlReport:
                     notes.append(f"<div class=\"muted\">{_e(mark.strip())} {_e(finding.source)}</div>")
                 rows.append(f"<tr><td class=\"{STATUS_CLASS[status]}\">{status}</td><td>{side.role}</td>"
                             f"<td>{_e(finding.setting)}</td><td>{_e(finding.value_text + mark)}</td>"
-                            f"<td>{_e(_observed_cell(side, finding))}</td></tr>")
+                            f"<td>{_e(observed_cell(side, finding))}</td></tr>")
                 said = finding_words(report, side, finding)
                 if said is not None:
                     words.append(f"<li class=\"{STATUS_CLASS[status]}\">{side.role} {_e(finding.setting)}: "
@@ -647,7 +648,7 @@ class HtmlReport:
                 break
             self._draw(report, "other")
         self.quiet_waiting.clear()
-        with open(self.out, "w", encoding="utf-8") as out:
+        with open(self.file, "w", encoding="utf-8") as out:
             self._write(out, run, expectations)
         return sum(self.drawn.values())
 
@@ -727,11 +728,10 @@ def _s(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f} s"
 
 
-def write_html(out: str, run: AnalysisRun, reports: Iterable[ConnectionReport],
-               expectations: Expectations | None, title: str = "kaobs", postgres: PostgresView | None = None,
-               path: PathSummary | None = None) -> int:
+def write_html(file: str, run: AnalysisRun, reports: Iterable[ConnectionReport],
+               expectations: Expectations | None, title: str = "kaobs", postgres: PostgresView | None = None) -> int:
     """The whole page for a list (or stream) of reports; returns how many connections were drawn."""
-    page = HtmlReport(out, title, path=path, postgres=postgres)
+    page = HtmlReport(file, title, postgres=postgres)
     for report in reports:
         page.add(report)
     return page.finish(run, expectations)

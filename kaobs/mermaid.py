@@ -41,9 +41,11 @@ from kaobs.episode import (
     build_episode,
     trouble,
 )
-from kaobs.report import TRIAGE_KINDS, TextOptions, _is_listed, report_kinds
+from kaobs.report import TRIAGE_KINDS, TextOptions, is_listed, report_kinds
 
 ALIAS = {CLIENT: "C", SERVER: "S", PATH: "P"}
+BREAK = "<br/>"
+"""A line break inside a note: GitHub's renderer keeps notes narrow with it."""
 LOOP_AT = 4
 """Answered probes in a row from this many on are drawn once, in a loop."""
 
@@ -73,6 +75,7 @@ def sequence_diagram(report: ConnectionReport, source: str = "") -> str:
     lines.append(f"    Note over C,S: first packet {utc_clock(conn.start)} UTC, times below are since then")
     items: list[tuple[float, int, list[str]]] = []  # (t, order, lines)
     marks = episode.marks
+    probes = {(m.lane, m.number): m.t for m in marks if m.kind == PROBE}
     i = 0
     while i < len(marks):
         mark = marks[i]
@@ -97,28 +100,29 @@ def sequence_diagram(report: ConnectionReport, source: str = "") -> str:
                                           f".. {rel(window[-1].t)} (persist timer: its data waits, not keepalive)"]))
             i += 1
             continue
-        items.append((mark.t, 1, _mark_lines(episode, mark)))
+        items.append((mark.t, 1, _mark_lines(episode, mark, probes)))
         i += 1
     for deadline in episode.deadlines:
         words = clean(deadline.text.removeprefix(f"{deadline.lane}'s ").removeprefix(f"the {deadline.lane}'s "))
-        items.append((deadline.t, 0, [f"    Note over {ALIAS[deadline.lane]}: {words}"]))
+        items.append((deadline.t, 0, [f"    Note over {ALIAS[deadline.lane]}: {words.replace(': ', BREAK, 1)}"]))
     for band in episode.bands:
         if band.kind == GIVE_UP:
             items.append((band.start, 2, [f"    Note over {ALIAS[band.lane]}: {clean(band.text)}"]))
     items.sort(key=lambda item: (item[0], item[1]))
     for _, _, block in items:
         lines += block
-    lines.append(f"    Note over C,S: {clean(_verdict_words(report))}")
+    lines.append(f"    Note over C,S: {_verdict_words(report)}")
     return "\n".join(lines) + "\n"
 
 
 def _answered_run(marks: list[Mark], i: int) -> int:
     """How many (answered probe, its answer) pairs in a row start at marks[i]."""
     run = 0
+    prober = marks[i].lane
     while i + 1 < len(marks):
         probe, answer = marks[i], marks[i + 1]
-        if not (probe.kind == PROBE and probe.answered and answer.kind == ANSWER and answer.number == probe.number
-                and answer.answered):
+        if not (probe.kind == PROBE and probe.lane == prober and probe.answered and answer.kind == ANSWER
+                and answer.lane == _other(prober) and answer.number == probe.number and answer.answered):
             break
         run += 1
         i += 2
@@ -137,7 +141,7 @@ def _loop(pairs: list[Mark], rel) -> list[str]:
             "    end"]
 
 
-def _mark_lines(episode: Episode, mark: Mark) -> list[str]:
+def _mark_lines(episode: Episode, mark: Mark, probes: dict[tuple[str, int | None], float]) -> list[str]:
     report, rel = episode.report, episode.rel
     lane = mark.lane
     text = clean(mark.text)
@@ -153,9 +157,8 @@ def _mark_lines(episode: Episode, mark: Mark) -> list[str]:
         return [f"    {me}{arrow}{peer}: {words} ({rel(mark.t)})"]
     if mark.kind == ANSWER:
         me, prober = ALIAS[lane], ALIAS[_other(lane)]
-        probe = next((m for m in episode.marks if m.kind == PROBE and m.lane == _other(lane)
-                      and m.number == mark.number), None)
-        took = f" in {(mark.t - probe.t) * 1000:.2f} ms" if probe is not None else ""
+        probe_t = probes.get((_other(lane), mark.number))
+        took = f" in {(mark.t - probe_t) * 1000:.2f} ms" if probe_t is not None else ""
         if mark.answered:
             return [f"    {me}-->>{prober}: answer to probe {mark.number}{took}"]
         return [f"    {me}--x{prober}: answer to probe {mark.number}{took}, lost before reaching the {_other(lane)}"]
@@ -187,10 +190,10 @@ def _mark_lines(episode: Episode, mark: Mark) -> list[str]:
 
 
 def _verdict_words(report: ConnectionReport) -> str:
-    judged = [f"{side.role} {f.setting} {f.value_text}: {f.status} ({f.observed})"
+    """The verdict, then each judged setting on a line of its own: expected, ✓ or ✗, observed."""
+    judged = [clean(f"{side.role} {f.setting} {f.value_text} {'✓' if f.status == 'match' else '✗'} {f.observed}")
               for side in (report.server, report.client) for f in side.findings if f.status != "unobservable"]
-    words = report.verdict.upper()
-    return words + (": " + ", ".join(judged) if judged else "")
+    return BREAK.join([report.verdict.upper(), *judged])
 
 
 # -- choosing the connection ---------------------------------------------------------------------------
@@ -215,7 +218,7 @@ def pick(reports: Iterable[ConnectionReport], options: TextOptions | None = None
     total = 0
     for report in reports:
         total += 1
-        if not _is_listed(report, report_kinds(report, postgres), TextOptions(options.only, show_all=True,
+        if not is_listed(report, report_kinds(report, postgres), TextOptions(options.only, show_all=True,
                                                                                 connection=options.connection)):
             continue
         rank = _rank(report, postgres)

@@ -330,7 +330,7 @@ def render_text(
         total += 1
         path.add(report.connection, report.path_cut)
         kinds = report_kinds(report, postgres)
-        if _is_listed(report, kinds, options):
+        if is_listed(report, kinds, options):
             listed += 1
             if options.summary:
                 out(summary_line(report, postgres))
@@ -396,7 +396,7 @@ def report_kinds(report: ConnectionReport, postgres: PostgresView | None = None)
     return frozenset(kinds)
 
 
-def _is_listed(report: ConnectionReport, kinds: frozenset[str], options: TextOptions) -> bool:
+def is_listed(report: ConnectionReport, kinds: frozenset[str], options: TextOptions) -> bool:
     if options.connection is not None:
         return report.connection.index == options.connection
     if options.only:
@@ -455,7 +455,7 @@ def summary_line(report: ConnectionReport, postgres: PostgresView | None = None)
     line.append(f"#{conn.index} ", style="bold")
     line.append(report.verdict.upper(), style=VERDICT_STYLE[report.verdict])
     line.append(f" {conn.client.endpoint} -> {conn.server.endpoint}")
-    backend = _backend_words(postgres, conn.index)
+    backend = backend_words(postgres, conn.index)
     if backend:
         line.append(f" {backend}")
     line.append(f": {one_line_reason(report, postgres)}")
@@ -562,7 +562,7 @@ def render_connection(
     headline.append(f"  {conn.client.endpoint} -> {conn.server.endpoint}")
     out(headline)
     when = Text(f"{utc_clock(conn.start)} .. {utc_clock(conn.end)} UTC ({conn.end - conn.start:.3f} s), "
-                f"{_end_words(conn.end_reason)}")
+                f"{end_words(conn.end_reason)}")
     if not conn.saw_syn:
         when.append(" (began before the capture)", style="dim")
     out(when, indent=4)
@@ -589,7 +589,7 @@ def render_connection(
             mark, new = legend.mark(f.source)
             if new:
                 new_sources.append((legend.numbers[f.source], f.source))
-            rows.append((f.status, side.role, f.setting, f.value_text + mark, _observed_cell(side, f)))
+            rows.append((f.status, side.role, f.setting, f.value_text + mark, observed_cell(side, f)))
     header = ("status", "side", "setting", "expected", "observed")
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(5)]
 
@@ -613,7 +613,7 @@ def render_connection(
     console.print()
 
 
-def _observed_cell(side: SideReport, finding: Finding) -> str:
+def observed_cell(side: SideReport, finding: Finding) -> str:
     if finding.key == ENABLED_KEY:
         return "probes seen" if side.probes else "no probe"
     return finding.observed
@@ -860,7 +860,7 @@ def timeline(report: ConnectionReport) -> list[str]:
     events: list[tuple[float, str]] = []
     for side in (report.server, report.client):
         endpoint = side.endpoint
-        events.extend(_probe_events(side, t0))
+        events.extend(probe_events(side, t0))
         window_probes = [p for p in endpoint.probes if p.kind == WINDOW]
         if window_probes:
             first, last = window_probes[0], window_probes[-1]
@@ -943,7 +943,7 @@ def stall_words(role: str, stall: StallReport, t0: float) -> str:
     return f"{what}{since}{tail}; keepalives do not apply while data is in flight{why}"
 
 
-def _probe_events(side: SideReport, t0: float) -> list[tuple[float, str]]:
+def probe_events(side: SideReport, t0: float) -> list[tuple[float, str]]:
     settings = side.settings
     count_rules = settings is not None and settings.count and not settings.user_timeout
     views = side.probes
@@ -966,7 +966,7 @@ def _probe_events(side: SideReport, t0: float) -> list[tuple[float, str]]:
     return events
 
 
-def _end_words(reason: str) -> str:
+def end_words(reason: str) -> str:
     return "still open at the end of the capture" if reason == "open" else END_REASONS.get(reason, reason)
 
 
@@ -974,7 +974,7 @@ def _s(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f} s"
 
 
-def _backend_words(postgres: PostgresView | None, index: int) -> str:
+def backend_words(postgres: PostgresView | None, index: int) -> str:
     info = None if postgres is None else postgres.connections.get(index)
     backend = None if info is None else info.backend
     if backend is None:

@@ -217,7 +217,8 @@ def test_the_seed_as_a_sequence_diagram():
     assert "    C-->>S: answer to probe 1 in 0.02 ms" in lines
     assert "    S-xC: probe 5: unanswered 3/3 (+13.114 s)" in lines
     assert "    S-)C: ABORT (RST) after 3 unanswered probe(s): keepalive count reached (+15.130 s)" in lines
-    assert lines[-1].startswith("    Note over C,S: MATCH: server tcp_keepalives_idle 3 s: match (3.004 s)")
+    assert lines[-1] == ("    Note over C,S: MATCH<br/>server tcp_keepalives_idle 3 s \u2713 3.004 s<br/>"
+                         "server tcp_keepalives_interval 2 s \u2713 2.016 s<br/>server tcp_keepalives_count 3 \u2713 3")
     assert not any(";" in line or "#" in line for line in lines[1:] if not line.strip().startswith("%%"))
 
 
