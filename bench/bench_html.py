@@ -71,7 +71,8 @@ def every_lane_page(capture: Path, page: Path, args: list[str]) -> float:
     return time.monotonic() - started
 
 
-FIRST_JS = """() => window.Bokeh !== undefined && Bokeh.documents.length > 0 && Bokeh.documents.every(d => d.is_idle)"""
+FRAMES_JS = "() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))"
+FIRST_JS = "() => window.Bokeh !== undefined && Bokeh.documents.every(d => d.is_idle)"
 DRAWN_JS = """(name) => Bokeh.documents.some(d => d.is_idle && d.roots().some(r => r.name === name))"""
 
 
@@ -93,6 +94,7 @@ def draw_seconds(pages: list[Path]) -> list[tuple[float, float] | None]:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             started = time.monotonic()
             page.goto(path.as_uri(), wait_until="load")
+            page.evaluate(FRAMES_JS)  # the figures in view have been asked for
             page.wait_for_function(FIRST_JS, timeout=300_000)
             first = time.monotonic() - started
             targets = page.evaluate(

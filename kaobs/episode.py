@@ -74,6 +74,8 @@ class Band:
     lane: str
     kind: str
     text: str
+    ok: bool = True
+    """A tolerance window the event fell outside of is a contradiction (False)."""
 
 
 @dataclass(slots=True)
@@ -180,7 +182,7 @@ def _tolerances(episode: Episode, side: SideReport) -> None:
             verdict = "agrees" if check.ok else "CONTRADICTS"
             episode.bands.append(Band(check.due - tolerance.early, check.due + tolerance.late, side.role, TOLERANCE,
                                       f"{finding.setting} {finding.value_text}: due at {episode.rel(check.due)}, "
-                                      f"{tolerance.basis}; {verdict}"))
+                                      f"{tolerance.basis}; {verdict}", check.ok))
 
 
 def _deadlines(episode: Episode, side: SideReport) -> None:
@@ -234,11 +236,10 @@ def _stalls(episode: Episode, side: SideReport) -> None:
         words = stall_words(role, stall, episode.start)
         stop = stall.stall.end_t or (stall.gave_up_between[1] if stall.gave_up_between else capture_end)
         episode.bands.append(Band(first, max(stop, first), role, STALL, words))
-        what = "zero-window probes start" if stall.kind == WINDOW else "data sent"
-        idle = stall.stall.idle_before
-        after = f" after {age(idle)} idle" if idle is not None and idle >= 1 else ""
-        episode.marks.append(Mark(first, role, STALL_DATA, f"{role} {what}{after}: {words}"))
-        if stall.kind != WINDOW:
+        if stall.kind != WINDOW:  # a window stall's probes are marks of their own (WINDOW_PROBE)
+            idle = stall.stall.idle_before
+            after = f" after {age(idle)} idle" if idle is not None and idle >= 1 else ""
+            episode.marks.append(Mark(first, role, STALL_DATA, f"{role} data sent{after}: {words}"))
             for number, t in enumerate(stall.stall.resends, 1):
                 episode.marks.append(Mark(t, role, RESEND, f"{role} retransmission {number} of the "
                                           "unacknowledged data"))

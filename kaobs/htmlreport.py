@@ -274,9 +274,8 @@ def _lane_figure(episode: Episode, endpoints: dict[str, str]):
              "to draw, drawn short")
     for item in episode.bands:
         if item.kind == TOLERANCE:
-            bad = "CONTRADICTS" in item.text
-            band(item.start, item.end, item.lane, ALARM if bad else SIDE_COLOR[item.lane], 0.35 if bad else 0.22, " ",
-                 item.text)
+            band(item.start, item.end, item.lane, SIDE_COLOR[item.lane] if item.ok else ALARM,
+                 0.22 if item.ok else 0.35, " ", item.text)
         elif item.kind == STALL:
             band(item.start, item.end, item.lane, STALL_COLOR, 0.12, " ", item.text)
         elif item.kind == GIVE_UP:
@@ -416,12 +415,14 @@ class IdleHistogram:
     def __init__(self) -> None:
         self.counts: dict[str, dict[int, int]] = {cause: {} for cause in DEATH_CAUSES}
         self.total = 0
+        self.last: tuple[str, float] | None = None
 
     def add(self, report: ConnectionReport) -> None:
         death = idle_before_death(report)
         if death is None:
             return
         cause, idle = death
+        self.last = (cause, idle)
         slot = math.floor(math.log10(max(idle, _BIN_FLOOR) / _BIN_FLOOR) * _BINS_PER_DECADE + 1e-9)
         self.counts[cause][slot] = self.counts[cause].get(slot, 0) + 1
         self.total += 1
@@ -700,7 +701,10 @@ class HtmlReport:
                                 f"more (kaobs analyze --only {'abort' if kind == 'outlived' else kind} --summary "
                                 "lists them)</td></tr>")
             parts.append(f"<h2>Problems, worst first ({problems})</h2><table>{''.join(rows)}</table>")
-        if self.histogram.total:
+        if self.histogram.total == 1 and self.histogram.last is not None:
+            cause, idle = self.histogram.last
+            parts.append(f"<p>Idle before death: one connection, {cause} after {age(idle)} idle.</p>")
+        elif self.histogram.total:
             figure = _figure_html(self.histogram.figure((self.known_path or self.path).idle_cut()), "idle-before-death",
                                   "histogram")
             parts.append(f"<h2>Idle before death ({self.histogram.total} connection(s))</h2>"

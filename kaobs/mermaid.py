@@ -84,21 +84,20 @@ def sequence_diagram(report: ConnectionReport, source: str = "") -> str:
             items.append((mark.t, 1, _loop(marks[i:i + 2 * run], rel)))
             i += 2 * run
             continue
-        if mark.kind == RESEND:
-            resends = [m for m in marks[i:] if m.kind == RESEND and m.lane == mark.lane]
-            items.append((mark.t, 1, [f"    Note over {ALIAS[mark.lane]}: {len(resends)} retransmission(s) "
-                                      f"{rel(resends[0].t)} .. {rel(resends[-1].t)}, none acknowledged"]))
-            i += 1
-            while i < len(marks) and marks[i].kind == RESEND:
-                i += 1
-            continue
-        if mark.kind == WINDOW_PROBE:
-            window = [m for m in marks if m.kind == WINDOW_PROBE and m.lane == mark.lane]
-            if mark is window[0]:
-                me, peer = ALIAS[mark.lane], ALIAS[_other(mark.lane)]
-                items.append((mark.t, 1, [f"    {me}->>{peer}: {len(window)} zero-window probe(s) {rel(window[0].t)} "
-                                          f".. {rel(window[-1].t)} (persist timer: its data waits, not keepalive)"]))
-            i += 1
+        if mark.kind in (RESEND, WINDOW_PROBE):  # a run of them is one line
+            j = i
+            while j < len(marks) and marks[j].kind == mark.kind and marks[j].lane == mark.lane:
+                j += 1
+            first, last = marks[i], marks[j - 1]
+            me, peer = ALIAS[mark.lane], ALIAS[_other(mark.lane)]
+            if mark.kind == RESEND:
+                line = (f"    Note over {me}: {j - i} retransmission(s) {rel(first.t)} .. {rel(last.t)}, none "
+                        "acknowledged")
+            else:
+                line = (f"    {me}->>{peer}: {j - i} zero-window probe(s) {rel(first.t)} .. {rel(last.t)} (persist "
+                        "timer: its data waits, not keepalive)")
+            items.append((mark.t, 1, [line]))
+            i = j
             continue
         items.append((mark.t, 1, _mark_lines(episode, mark, probes)))
         i += 1
