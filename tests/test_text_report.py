@@ -354,6 +354,15 @@ def test_the_backend_is_named_in_the_summary_line():
     assert re.search(r"^#1 MISMATCH 10\.9\.0\.2:40001 -> 10\.9\.0\.1:5432 pid 4242 'api': ", text, re.MULTILINE)
 
 
+def test_connection_lists_just_that_one():
+    run, reports, expectations = many_connections(quiet=1, mismatched=2, aborted=0, healthy=0)
+    text = rendered(run, reports, expectations, width=None, options=TextOptions(connection=2))
+    assert re.findall(r"^#(\d+) ", text, re.MULTILINE) == ["2"]
+    assert "2 connection(s) not listed (--connection 2)" in text
+    missing = rendered(run, reports, expectations, width=None, options=TextOptions(connection=9))
+    assert "no connection #9 (the connections are numbered 1 to 3)" in missing
+
+
 # -- the command line ---------------------------------------------------------------------------------
 
 

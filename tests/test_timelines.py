@@ -255,3 +255,14 @@ def test_the_json_is_the_same_with_a_page_beside_it(tmp_path, capsys):
     _, plain, _ = kaobs(capsys, "analyze", capture, *args, "--format", "json")
     _, beside, _ = kaobs(capsys, "analyze", capture, *args, "--format", "json", "--html", str(tmp_path / "p.html"))
     assert beside == plain and json.loads(beside)["connections"]
+
+
+def test_the_readme_shows_the_seed_diagram_kaobs_prints(capsys, monkeypatch):
+    """The README's ```mermaid block is what `--format mermaid` gives for the seed (tests/test_html_report.py
+    checks that mermaid.js draws that)."""
+    monkeypatch.chdir(ROOT)  # the diagram names the capture as given
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```mermaid\n(sequenceDiagram\n.*?)```", readme, re.DOTALL).group(1)
+    _, out, _ = kaobs(capsys, "analyze", "captures/seed_idle3_int2_cnt3_dead_client.pcap", *ENTRIES_BY_FILE[SEED],
+                      "--format", "mermaid")
+    assert block == out
