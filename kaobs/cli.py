@@ -22,6 +22,7 @@ from kaobs.options import (
     UserError,
     expectation_options,
     fail,
+    html_written,
     idle_cut_option,
     make_expectations,
     make_output,
@@ -29,6 +30,7 @@ from kaobs.options import (
     split_captures,
     stdout_closed,
 )
+from kaobs.mermaid import write_mermaid
 from kaobs.progress import AnalyzeProgress
 from kaobs.report import (
     echo_json,
@@ -70,7 +72,7 @@ def main() -> None:
 @output_options
 def analyze(arguments: tuple[str, ...], read_paths: tuple[str, ...], since, until, expect, client_dsn, sysctls,
             ports, hz, output_format, dsn=None, server_container=None, idle_cut=None, only=(), summary=False,
-            show_all=False, quiet=False, color="auto") -> None:
+            show_all=False, quiet=False, color="auto", connection=None, html=None) -> None:
     """Analyze saved captures: pcap or pcapng, gzip/zstd/xz/bzip2 compressed, '-' for standard input.
 
     Several files are one capture, read in the order of their first packets.
@@ -78,7 +80,7 @@ def analyze(arguments: tuple[str, ...], read_paths: tuple[str, ...], since, unti
     the packets it matches. Exit 0 when nothing contradicts the
     expectations, 1 when something does, 2 for bad usage or unreadable input.
     """
-    output = make_output(output_format, only, summary, show_all, quiet, color)
+    output = make_output(output_format, only, summary, show_all, quiet, color, connection, html)
     captures, expression = split_captures(arguments, read_paths)
     if server_container is not None and dsn is None:
         raise UserError("--container needs --dsn: it names the server's container, whose sysctls resolve a setting "
@@ -101,6 +103,7 @@ def analyze(arguments: tuple[str, ...], read_paths: tuple[str, ...], since, unti
             err.print(f"kaobs: warning: {message}", style="yellow", markup=False, soft_wrap=True)
 
     captures = _in_time_order(captures, warn)
+    output.check_html()
     run = AnalysisRun(sources=list(captures), hz=int(hz))
     run.warnings = warnings
     # Ended connections go to a spool on disk as the capture is read: memory stays bounded by the
@@ -124,27 +127,44 @@ def analyze(arguments: tuple[str, ...], read_paths: tuple[str, ...], since, unti
             expectations = postgres.expectations
         counts = dict.fromkeys(VERDICTS, 0)
         reports = _tallied(analysis.reports(expectations, idle_cut=idle_cut), counts)
+        page = None
+        if output.html is not None:
+            from kaobs.htmlreport import HtmlReport
+
+            page = HtmlReport(output.html, title=f"kaobs: {', '.join(captures)}", path_summary=analysis.path)
         view = None
         try:
             if postgres is None:
+                if page is not None:
+                    reports = page.tee(reports)  # the page counts every report as it streams by
                 # A report going to a file while stderr is a terminal: count its connections there too.
                 with (progress if not sys.stdout.isatty() else contextlib.nullcontext()):
                     reports = progress.counting(reports, model.opened) if not sys.stdout.isatty() else reports
                     if output_format == "json":
                         write_json_streamed(sys.stdout, run, reports, expectations)
+                    elif output_format == "mermaid":
+                        write_mermaid(sys.stdout, reports, output.text, source=", ".join(captures))
                     else:
                         render_text(text_console(color), run, reports, expectations, options=output.text)
             else:
                 held = list(reports)
                 view = postgres.finish(held)
+                if page is not None:
+                    page.postgres = view
+                    for report in held:
+                        page.add(report)
                 if output_format == "json":
                     echo_json(to_json(run, held, expectations, view))
+                elif output_format == "mermaid":
+                    write_mermaid(sys.stdout, held, output.text, source=", ".join(captures), postgres=view)
                 else:
                     render_text(text_console(color), run, held, expectations, view, options=output.text)
         except BrokenPipeError:
             stdout_closed()  # `kaobs analyze ... | head`: the analysis itself stands
             for _ in reports:
                 pass
+        if page is not None:
+            html_written(err, output, page.finish(run, expectations))
         sys.exit(exit_status(counts, view))
     finally:
         if spool is not None:

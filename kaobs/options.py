@@ -62,9 +62,11 @@ def expectation_options(function):
                           "granularity). On each host: grep 'CONFIG_HZ=' /boot/config-$(uname -r) (or zgrep it in "
                           "/proc/config.gz); or measure it: the 'jiffies:' line of /proc/timer_list grows by HZ a "
                           "second."),
-        click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+        click.option("--format", "output_format", type=click.Choice(FORMATS), default="text", show_default=True,
                      help="text: the report for people; json: the complete document, every connection and probe "
-                          "(the JSON contract in README.md)."),
+                          "(the JSON contract in README.md); mermaid: one connection's keepalive episode as a "
+                          "Mermaid sequenceDiagram (the worst one, or --connection N), which GitHub draws between "
+                          "a ```mermaid line and a ``` line."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -87,13 +89,28 @@ def idle_cut_option(function):
              "keepalive probe comes later is a finding.")(function)
 
 
+FORMATS = ("text", "json", "mermaid")
+
+
 @dataclass(frozen=True, slots=True)
 class Output:
-    """How results are shown: the text report's choices, --quiet and --color."""
+    """How results are shown: the text report's choices, --quiet, --color, and the --html page's file."""
 
     text: TextOptions
     quiet: bool = False
     color: str = "auto"
+    html: str | None = None
+
+    def check_html(self) -> None:
+        """Refuse an --html path that cannot be written before any work (it is written at the end)."""
+        if self.html is None:
+            return
+        folder = os.path.dirname(os.path.abspath(self.html))
+        if not os.path.isdir(folder):
+            raise UserError(f"--html {self.html}: no such directory {folder}")
+        target = self.html if os.path.exists(self.html) else folder
+        if not os.access(target, os.W_OK):
+            raise UserError(f"--html {self.html}: permission denied")
 
 
 def output_options(function):
@@ -114,6 +131,13 @@ def output_options(function):
                           "in the report); alarms of watch and lab still go to stderr."),
         click.option("--color", type=click.Choice(COLOR_CHOICES), default="auto", show_default=True,
                      help="Colors in the text output: auto (on a terminal, unless NO_COLOR is set), always, never."),
+        click.option("--connection", "connection", type=click.IntRange(min=1), metavar="N",
+                     help="Only connection #N: the text report lists just it, --format mermaid draws it (default: "
+                          "the worst)."),
+        click.option("--html", "html", metavar="FILE", type=click.Path(dir_okay=False),
+                     help="Also write the keepalive timelines as one self-contained HTML page (opens offline): "
+                          "per connection the client's kernel, the path and the server's kernel on a broken time "
+                          "axis, with the verdict beside; the troubled connections first."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -121,13 +145,42 @@ def output_options(function):
 
 
 def make_output(output_format: str, only: Sequence[str], summary: bool, show_all: bool, quiet: bool,
-                color: str) -> Output:
-    """The output options; --only/--summary/--all shape the text report only (the JSON is always complete)."""
-    if output_format == "json" and (only or summary or show_all):
-        used = [name for name, given in (("--only", only), ("--summary", summary), ("--all", show_all)) if given]
+                color: str, connection: int | None = None, html: str | None = None) -> Output:
+    """The output options; --only/--summary/--all/--connection shape the text report (the JSON is always complete;
+    mermaid draws one connection: --connection, or the worst one --only keeps)."""
+    if output_format == "json" and (only or summary or show_all or connection is not None):
+        used = [name for name, given in (("--only", only), ("--summary", summary), ("--all", show_all),
+                                         ("--connection", connection is not None)) if given]
         verb = "shapes" if len(used) == 1 else "shape"
         raise UserError(f"{' and '.join(used)} {verb} the text report; the JSON document always holds every connection")
-    return Output(TextOptions(frozenset(only), summary, show_all), quiet, color)
+    if output_format == "mermaid" and (summary or show_all):
+        used = [name for name, given in (("--summary", summary), ("--all", show_all)) if given]
+        raise UserError(f"{' and '.join(used)} {'shapes' if len(used) == 1 else 'shape'} the text report; --format "
+                        "mermaid draws one connection (--connection N, or the worst one --only keeps)")
+    return Output(TextOptions(frozenset(only), summary, show_all, connection), quiet, color, html)
+
+
+def html_written(err, output: Output, drawn: int) -> None:
+    """Say on stderr where the --html page went (stdout holds the report, maybe JSON); nothing with --quiet."""
+    if output.quiet or output.html is None:
+        return
+    try:
+        size = os.path.getsize(output.html)
+    except OSError:
+        size = 0
+    err.print(f"kaobs: timelines written to {output.html} ({drawn} connection(s) drawn, {size / 1e6:.1f} MB)",
+              markup=False, highlight=False, soft_wrap=True)
+
+
+def write_html_file(output: Output, run, reports, expectations, title: str, postgres=None) -> None:
+    """The --html page of a finished run (watch, lab: their reports are held anyway), said on stderr."""
+    if output.html is None:
+        return
+    from kaobs.htmlreport import write_html
+    from kaobs.report import error_console
+
+    drawn = write_html(output.html, run, reports, expectations, title=title, postgres=postgres)
+    html_written(error_console(output.color), output, drawn)
 
 
 class FileMode(click.ParamType):

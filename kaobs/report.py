@@ -10,6 +10,7 @@ does not set the memory kaobs needs.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -28,7 +29,7 @@ from analysis.pipeline import AnalysisRun, tally
 from analysis.settings import CLIENT, ENABLED_KEY, SERVER, SETTINGS
 from analysis.tolerance import PROCESSING_SLACK_S
 from analysis.verdict import VERDICTS, Check, ConnectionReport, Finding, SideReport
-from analysis.words import utc_clock
+from analysis.words import age, utc_clock
 
 JSON_FORMAT_VERSION = 1
 TIMELINE_HEAD = 12
@@ -268,6 +269,8 @@ class TextOptions:
     only: frozenset[str] = frozenset()
     summary: bool = False
     show_all: bool = False
+    connection: int | None = None
+    """--connection N: only that connection."""
 
 
 class Lines:
@@ -327,13 +330,13 @@ def render_text(
         total += 1
         path.add(report.connection, report.path_cut)
         kinds = report_kinds(report, postgres)
-        if _is_listed(report, kinds, options):
+        if is_listed(report, kinds, options):
             listed += 1
             if options.summary:
                 out(summary_line(report, postgres))
             else:
                 render_connection(console, report, expectations, postgres=postgres, legend=legend)
-        elif options.only:
+        elif options.only or options.connection is not None:
             filtered += 1
         else:
             quiet += 1
@@ -347,12 +350,16 @@ def render_text(
     for line, style in path_lines(path, expectations):
         body = line.lstrip(" ")
         out(Text(body, style=style), indent=len(line) - len(body), hang=6)
+    if options.connection is not None and not listed:
+        out(f"no connection #{options.connection} (the connections are numbered 1 to {total})", style="yellow")
     if listed > 1 and not (options.only and options.only <= {"mismatch", "abort"}):
         triage.render(out)
     if quiet:
         out(f"{quiet} connection(s) without keepalive activity not listed (--all lists them)", style="dim")
     if filtered:
-        out(f"{filtered} connection(s) not listed (--only {','.join(sorted(options.only))})", style="dim")
+        chosen = (f"--connection {options.connection}" if options.connection is not None
+                  else f"--only {','.join(sorted(options.only))}")
+        out(f"{filtered} connection(s) not listed ({chosen})", style="dim")
     parts = [f"{n} {v}" for v, n in counts.items() if n]
     out(f"{total} connection(s): " + ", ".join(parts) + f"  [{run.packets} packets, {run.segments} TCP segments"
         + _filtered_words(run) + "]")
@@ -389,7 +396,9 @@ def report_kinds(report: ConnectionReport, postgres: PostgresView | None = None)
     return frozenset(kinds)
 
 
-def _is_listed(report: ConnectionReport, kinds: frozenset[str], options: TextOptions) -> bool:
+def is_listed(report: ConnectionReport, kinds: frozenset[str], options: TextOptions) -> bool:
+    if options.connection is not None:
+        return report.connection.index == options.connection
     if options.only:
         return bool(kinds & options.only)
     return options.show_all or bool(kinds) or not _without_activity(report)
@@ -446,7 +455,7 @@ def summary_line(report: ConnectionReport, postgres: PostgresView | None = None)
     line.append(f"#{conn.index} ", style="bold")
     line.append(report.verdict.upper(), style=VERDICT_STYLE[report.verdict])
     line.append(f" {conn.client.endpoint} -> {conn.server.endpoint}")
-    backend = _backend_words(postgres, conn.index)
+    backend = backend_words(postgres, conn.index)
     if backend:
         line.append(f" {backend}")
     line.append(f": {one_line_reason(report, postgres)}")
@@ -553,10 +562,12 @@ def render_connection(
     headline.append(f"  {conn.client.endpoint} -> {conn.server.endpoint}")
     out(headline)
     when = Text(f"{utc_clock(conn.start)} .. {utc_clock(conn.end)} UTC ({conn.end - conn.start:.3f} s), "
-                f"{_end_words(conn.end_reason)}")
+                f"{end_words(conn.end_reason)}")
     if not conn.saw_syn:
         when.append(" (began before the capture)", style="dim")
     out(when, indent=4)
+    for line in strip_lines(report, strip_glyphs(console.encoding)):
+        out(line, indent=4, hang=8)
     for line in timeline(report):
         out(line, indent=4, hang=13)
     if postgres is not None:
@@ -578,7 +589,7 @@ def render_connection(
             mark, new = legend.mark(f.source)
             if new:
                 new_sources.append((legend.numbers[f.source], f.source))
-            rows.append((f.status, side.role, f.setting, f.value_text + mark, _observed_cell(side, f)))
+            rows.append((f.status, side.role, f.setting, f.value_text + mark, observed_cell(side, f)))
     header = ("status", "side", "setting", "expected", "observed")
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(5)]
 
@@ -602,7 +613,7 @@ def render_connection(
     console.print()
 
 
-def _observed_cell(side: SideReport, finding: Finding) -> str:
+def observed_cell(side: SideReport, finding: Finding) -> str:
     if finding.key == ENABLED_KEY:
         return "probes seen" if side.probes else "no probe"
     return finding.observed
@@ -713,6 +724,131 @@ def render_postgres(console: Console, postgres: PostgresView) -> None:
     console.print()
 
 
+# -- the strip: a connection's keepalive episode at a glance, one line per side --------------------------
+
+STRIP_GLYPHS = {"answered": "\u2713", "unanswered": "\u2717", "dot": "\u00b7", "resend": "\u21bb", "cut": "\u2702",
+                "times": "\u00d7"}
+"""✓ answered probe, ✗ unanswered (as the prober saw it), · idle, ↻ retransmission, ✂ the path's cut, × a run."""
+PLAIN_GLYPHS = {"answered": "+", "unanswered": "x", "dot": "-", "resend": "~", "cut": "%", "times": "*"}
+"""For an output whose encoding has no such characters (PYTHONIOENCODING=latin-1, a legacy locale): a
+traceback there would lose the whole report."""
+STRIP_RUN = 4
+"""This many equal probes in a row, or more, are written once with their count (✓×12)."""
+STRIP_WIDTH = 68
+"""What a strip may take at 80 columns: the block's indent (4) and the side's name (8) come first."""
+
+
+def strip_glyphs(encoding: str | None) -> dict[str, str]:
+    """The strip's glyphs, or plain ones when the output's encoding cannot write them."""
+    try:
+        "".join(STRIP_GLYPHS.values()).encode(encoding or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        return PLAIN_GLYPHS
+    return STRIP_GLYPHS
+
+
+def strip_lines(report: ConnectionReport, glyphs: dict[str, str] = STRIP_GLYPHS) -> list[str]:
+    """``server  data ···idle 3.0 s··· ✓ ✓ ✗ ✗ ✗ RST``: each side's keepalive episode in one line.
+
+    Per side that probed, aborted, stalled or sent zero-window probes, in time
+    order: the last packet it accepted before an idle (``data``) and how long
+    the idle ran until its first probe, each probe answered (✓) or not (✗),
+    data it sent that the peer never took (``data ↻×5``, and how that ended),
+    then how the side ended (``RST``, ``FIN``) and the path's cut (``✂``).
+    A run of equal probes is written once with its count, so a strip fits
+    80 columns.
+    """
+    cut = report.path_cut
+    lines = []
+    for side in (report.server, report.client):
+        items = _strip_items(report, side, glyphs)
+        if not items:
+            continue
+        if cut is not None:
+            how = f"{glyphs['cut']}path {'RST' if cut.kind == 'reset' else cut.kind}"
+            items.append((cut.t, how + (" (inferred)" if cut.inferred else "")))
+        items.sort(key=lambda item: item[0])
+        tokens = _runs([token for _, token in items], glyphs, STRIP_RUN)
+        if len(" ".join(tokens)) > STRIP_WIDTH:
+            tokens = _runs(tokens, glyphs, 2)
+        lines.append(f"{side.role:<6}  " + " ".join(tokens))
+    if not lines and cut is not None and cut.idle_before is not None:
+        dots = _dots(cut.idle_before, glyphs)
+        how = "RST" if cut.kind == "reset" else cut.kind
+        lines.append(f"path    {dots}silent {age(cut.idle_before)}{dots} {glyphs['cut']}{how}"
+                     + (" (inferred)" if cut.inferred else ""))
+    return lines
+
+
+def _dots(seconds: float, glyphs: dict[str, str]) -> str:
+    """Longer idles get a few more dots: 3 up to 10 s, 6 from 1000 s."""
+    return glyphs["dot"] * (3 + min(3, max(0, int(math.log10(max(seconds, 1.0))))))
+
+
+def _strip_items(report: ConnectionReport, side: SideReport, glyphs: dict[str, str]) -> list[tuple[float, str]]:
+    endpoint = side.endpoint
+    items: list[tuple[float, str]] = []
+    previous_answer: float | None = None
+    for number, view in enumerate(side.probes, 1):
+        probe = view.probe
+        if view.index == 1 and view.anchor is not None and view.anchor != previous_answer:
+            dots = _dots(probe.t - view.anchor, glyphs)
+            items.append((view.anchor, f"data {dots}idle {age(probe.t - view.anchor)}{dots}"))
+        elif number == 1 and view.anchor is None:
+            items.append((probe.t, glyphs["dot"] * 2))  # the capture began during the probes
+        items.append((probe.t, glyphs["answered"] if view.answered else glyphs["unanswered"]))
+        previous_answer = probe.answer_t if view.answered else None
+    window_stalls = False
+    for stall in side.stalls:
+        if stall.outcome == "acked" and stall.retransmissions < 3:
+            continue  # a lost segment resent once or twice is just TCP
+        first = stall.stall.first_sent
+        idle = stall.stall.idle_before
+        if idle is not None and idle >= 1:
+            dots = _dots(idle, glyphs)
+            items.append((first, f"{dots}idle {age(idle)}{dots}"))
+        if stall.kind == WINDOW:
+            window_stalls = True
+            what = f"0-window{glyphs['times']}{stall.retransmissions}"
+        else:
+            what = f"data {glyphs['resend']}{glyphs['times']}{stall.retransmissions}"
+        ending = {"gave_up": " gave up", "reset": "", "acked": " ACK"}.get(stall.outcome, "")
+        items.append((first, what + ending))
+    if endpoint.window_probes and not window_stalls:
+        first = next(p.t for p in endpoint.probes if p.kind == WINDOW)
+        items.append((first, f"0-window{glyphs['times']}{endpoint.window_probes}"))
+    if not items and side.abort is None:
+        return []
+    cut = report.path_cut
+    if side.abort is not None:
+        items.append((side.abort.t, "RST"))
+    elif endpoint.reset is not None and not (cut is not None and cut.kind == "reset" and cut.t == endpoint.reset.t):
+        items.append((endpoint.reset.t, "RST"))
+    if endpoint.fin_t is not None:
+        items.append((endpoint.fin_t, "FIN"))
+    after = report.after_end
+    if after is not None and after.side == side.role:
+        items.append((after.t, "returns"))
+    return items
+
+
+def _runs(tokens: list[str], glyphs: dict[str, str], least: int) -> list[str]:
+    """Runs of `least` or more equal probe glyphs written once with their count: ✓×12."""
+    out: list[str] = []
+    i = 0
+    singles = (glyphs["answered"], glyphs["unanswered"])
+    while i < len(tokens):
+        j = i
+        while j < len(tokens) and tokens[j] == tokens[i]:
+            j += 1
+        if tokens[i] in singles and j - i >= least:
+            out.append(f"{tokens[i]}{glyphs['times']}{j - i}")
+        else:
+            out.extend(tokens[i:j])
+        i = j
+    return out
+
+
 def timeline(report: ConnectionReport) -> list[str]:
     """Probes, answers and the abort of both sides, in time order, relative to the start.
 
@@ -724,7 +860,7 @@ def timeline(report: ConnectionReport) -> list[str]:
     events: list[tuple[float, str]] = []
     for side in (report.server, report.client):
         endpoint = side.endpoint
-        events.extend(_probe_events(side, t0))
+        events.extend(probe_events(side, t0))
         window_probes = [p for p in endpoint.probes if p.kind == WINDOW]
         if window_probes:
             first, last = window_probes[0], window_probes[-1]
@@ -807,7 +943,7 @@ def stall_words(role: str, stall: StallReport, t0: float) -> str:
     return f"{what}{since}{tail}; keepalives do not apply while data is in flight{why}"
 
 
-def _probe_events(side: SideReport, t0: float) -> list[tuple[float, str]]:
+def probe_events(side: SideReport, t0: float) -> list[tuple[float, str]]:
     settings = side.settings
     count_rules = settings is not None and settings.count and not settings.user_timeout
     views = side.probes
@@ -830,7 +966,7 @@ def _probe_events(side: SideReport, t0: float) -> list[tuple[float, str]]:
     return events
 
 
-def _end_words(reason: str) -> str:
+def end_words(reason: str) -> str:
     return "still open at the end of the capture" if reason == "open" else END_REASONS.get(reason, reason)
 
 
@@ -838,7 +974,7 @@ def _s(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f} s"
 
 
-def _backend_words(postgres: PostgresView | None, index: int) -> str:
+def backend_words(postgres: PostgresView | None, index: int) -> str:
     info = None if postgres is None else postgres.connections.get(index)
     backend = None if info is None else info.backend
     if backend is None:

@@ -39,8 +39,10 @@ from kaobs.options import (
     make_output,
     output_options,
     stdout_closed,
+    write_html_file,
     write_mode_option,
 )
+from kaobs.mermaid import write_mermaid
 from kaobs.report import echo_json, error_console, render_text, text_console, to_json
 from kaobs.status import exit_status
 from sniffer.capture import LiveCapture
@@ -97,7 +99,7 @@ def run_live(
     model = analysis.model
     monitor = LiveMonitor(model, expectations, hz, expectations_for=expectations_for, hidden=hide)
     header = LiveHeader(title=title, interfaces=capture.interfaces, filter=capture.filter, started=started)
-    if output_format == "json" or quiet:
+    if output_format != "text" or quiet:  # JSON or a diagram on stdout: nothing live there
         mode = "json"
     else:
         mode = "table" if console.is_terminal else "lines"
@@ -284,7 +286,7 @@ def set_priority(niceness: int) -> None:
 @output_options
 def watch(expression_words, interfaces, container, network, expect, client_dsn, sysctls, ports, hz, output_format,
           duration, write_path, full_packets, write_mode=0o600, dsn=None, niceness=0, idle_cut=None, only=(),
-          summary=False, show_all=False, quiet=False, color="auto") -> None:
+          summary=False, show_all=False, quiet=False, color="auto", connection=None, html=None) -> None:
     """Watch live Postgres traffic: probes, answers, aborts and alarms as they happen, then the report.
 
     Without --interface/--container/--network, captures on the Docker
@@ -294,7 +296,7 @@ def watch(expression_words, interfaces, container, network, expect, client_dsn, 
     """
     from sniffer.discovery import DiscoveryError, find_target
 
-    output = make_output(output_format, only, summary, show_all, quiet, color)
+    output = make_output(output_format, only, summary, show_all, quiet, color, connection, html)
     expectations = make_expectations(expect, client_dsn, sysctls)
     expression = filter_expression(expression_words)
     if full_packets and not write_path:
@@ -314,6 +316,7 @@ def watch(expression_words, interfaces, container, network, expect, client_dsn, 
         if postgres.interrupted:  # Ctrl-C while connecting: the user stopped before anything was watched
             sys.exit(exit_status({}, postgres.view))
         expectations = postgres.expectations
+    output.check_html()
     if niceness:
         set_priority(niceness)
     stop = threading.Event()
@@ -343,6 +346,8 @@ def watch(expression_words, interfaces, container, network, expect, client_dsn, 
     try:
         if output_format == "json":
             echo_json(to_json(run, reports, expectations, view))
+        elif output_format == "mermaid":
+            write_mermaid(sys.stdout, reports, output.text, source=target.description, postgres=view)
         else:
             if not console.is_terminal and not quiet:
                 console.print()
@@ -354,4 +359,5 @@ def watch(expression_words, interfaces, container, network, expect, client_dsn, 
                 console.print(f"capture written to {write_path} ({'whole packets' if full_packets else 'headers only'})")
     except BrokenPipeError:
         stdout_closed()  # `kaobs watch | head`: the watch itself stands
+    write_html_file(output, run, reports, expectations, f"kaobs watch: {target.description}", view)
     sys.exit(exit_status(tally(reports), view))

@@ -6,9 +6,11 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 export DEBIAN_FRONTEND=noninteractive
 
 need_apt=()
-for cmd in dockerd:docker.io tcpdump:tcpdump tshark:tshark debootstrap:debootstrap ip:iproute2 iptables:iptables nsenter:util-linux; do
+for cmd in dockerd:docker.io tcpdump:tcpdump tshark:tshark debootstrap:debootstrap ip:iproute2 iptables:iptables nsenter:util-linux chromium:chromium; do
     command -v "${cmd%%:*}" >/dev/null 2>&1 || need_apt+=("${cmd#*:}")
 done
+# chromium opens the --html pages in the tests; without a font its screenshots are empty boxes
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_apt+=(fonts-dejavu-core)
 if ((${#need_apt[@]})); then
     echo "setup: installing ${need_apt[*]}" >&2
     apt-get update -qq
@@ -24,7 +26,7 @@ if ! python3 -m pip --version >/dev/null 2>&1; then
 fi
 export PIP_BREAK_SYSTEM_PACKAGES=1
 python3 -m pip install -q --disable-pip-version-check -e "$here[test]" 2>&1 | grep -v -e "Running pip as the 'root' user" -e "^WARNING: Location" >&2 || true
-python3 -c "import kaobs.cli, scapy, psycopg, rich, docker, pcapy, zstandard" >/dev/null
+python3 -c "import kaobs.cli, scapy, psycopg, rich, docker, pcapy, zstandard, bokeh, playwright, mermaidx" >/dev/null
 
 bash "$here/scripts/start-docker.sh"
 bash "$here/scripts/build-pg-image.sh"

@@ -44,8 +44,9 @@ RUN_TIMEOUT_S = 150
 
 SEED = ["--tcp-keepalives-idle", "3", "--tcp-keepalives-interval", "2", "--tcp-keepalives-count", "3"]
 SEED_PCAP = os.path.join(tempfile.gettempdir(), f"kaobs-lab-seed-{os.getpid()}.pcap")
+SEED_HTML = os.path.join(tempfile.gettempdir(), f"kaobs-lab-seed-{os.getpid()}.html")
 SCENARIOS: dict[str, list[str]] = {
-    "seed": [*SEED, "--write", SEED_PCAP],
+    "seed": [*SEED, "--write", SEED_PCAP, "--html", SEED_HTML],
     "server_vanishes": ["--tcp-keepalives-idle", "0", "--tcp-keepalives-interval", "0", "--tcp-keepalives-count", "0",
                         "--fault", "server-vanishes", "--libpq", "keepalives_idle=2", "--libpq", "keepalives_interval=1",
                         "--libpq", "keepalives_count=3"],
@@ -245,6 +246,15 @@ def test_seed_client_vanishes_server_3_2_3():
     assert report["lab"]["server"]["command"] == ["postgres", "--tcp_keepalives_idle=3", "--tcp_keepalives_interval=2",
                                                   "--tcp_keepalives_count=3"]
     assert_cleaned_up(report)
+    # --html: the page of the run, written at its end
+    try:
+        with open(SEED_HTML, encoding="utf-8") as page:
+            html = page.read()
+    finally:
+        if os.path.exists(SEED_HTML):
+            os.unlink(SEED_HTML)
+    assert f'data-connection="{conn["id"]}" data-verdict="match" data-probes="{len(keepalives(server))}"' in html
+    assert f"kaobs: timelines written to {SEED_HTML} (1 connection(s) drawn" in result.stderr
     # --write: the headers-only pcap, analyzed as a file, tells the same story as the live run
     try:
         done = subprocess.run([sys.executable, "-m", "kaobs", "analyze", SEED_PCAP, "--format", "json",

@@ -197,6 +197,71 @@ def test_a_close_call_says_which_tolerance_decided():
 ENTRIES_BY_FILE = {e["file"]: e["expect_args"] for e in ENTRIES}
 
 
+# -- the strip -----------------------------------------------------------------------------------------
+
+
+def strips(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if re.match(r"^ {4}(server|client|path) {2,}", line)]
+
+
+def test_the_strip_draws_the_seed_in_one_line_under_the_headline():
+    run, [report], expectations = analyzed("seed_idle3_int2_cnt3_dead_client.pcap",
+                                           ENTRIES_BY_FILE["seed_idle3_int2_cnt3_dead_client.pcap"])
+    for width in (80, 200, None):
+        text = rendered(run, [report], expectations, width=width)
+        assert strips(text) == ["server  data \u00b7\u00b7\u00b7idle 3.0 s\u00b7\u00b7\u00b7 \u2713 \u2713 \u2717 \u2717 \u2717 RST"]
+        lines = text.splitlines()
+        assert lines[2].startswith("    server  data ")  # under the headline and its span, before the events
+
+
+@pytest.mark.parametrize("capture, expected", [
+    ("both_sides_server_idle3_client_idle2.pcapng",
+     ["server  data \u00b7\u00b7\u00b7idle 3.1 s\u00b7\u00b7\u00b7 \u2713 \u2713 \u2713 FIN",
+      "client  data \u00b7\u00b7\u00b7idle 2.0 s\u00b7\u00b7\u00b7 \u2713\u00d74 FIN"]),
+    ("middlebox_drop_idle8_server_side.pcap",
+     ["server  data \u00b7\u00b7\u00b7\u00b7idle 12.2 s\u00b7\u00b7\u00b7\u00b7 \u2717 \u2702path drop \u2717 \u2717 RST"] * 2),
+    ("stall_retries2_5_client_side.pcap",
+     ["client  \u00b7\u00b7\u00b7idle 10.0 s\u00b7\u00b7\u00b7 data \u21bb\u00d76 gave up \u2702path drop"]),
+    ("zero_window_client_stops_reading.pcap", ["server  0-window\u00d76"]),
+])
+def test_the_strip_of_both_sides_a_path_cut_a_stall_and_zero_window_probes(capture, expected):
+    run, reports, expectations = analyzed(capture, ENTRIES_BY_FILE[capture])
+    assert strips(rendered(run, reports, expectations, width=None, options=TextOptions(show_all=True))) == expected
+
+
+def test_a_long_run_of_answered_probes_is_counted_and_the_strip_fits_80_columns():
+    conv = Conversation().handshake(0).exchange(0.01)
+    t = 0.01
+    for _ in range(60):
+        t += 2.0
+        conv.probe("server", t).answer("client", t + 0.001)
+    for _ in range(2):
+        t += 1.0
+        conv.probe("server", t)
+    conv.rst("server", t + 1.0)
+    analysis = Analysis([5432])
+    analysis.model.feed_all(conv.segments)
+    analysis.finish()
+    reports = list(analysis.reports(None))
+    text = rendered(AnalysisRun(sources=["built"]), reports, None, width=80)
+    [strip] = strips(text)
+    assert strip == "server  data \u00b7\u00b7\u00b7idle 2.0 s\u00b7\u00b7\u00b7 \u2713\u00d760 \u2717 \u2717 RST"
+    assert all(len(line) <= 80 for line in text.splitlines())
+
+
+def test_an_output_that_cannot_write_the_glyphs_gets_plain_ones(tmp_path):
+    run, [report], expectations = analyzed("seed_idle3_int2_cnt3_dead_client.pcap", [])
+    out = io.TextIOWrapper(io.BytesIO(), encoding="latin-1")
+    console = Console(file=out, soft_wrap=True, highlight=False, color_system=None)
+    render_text(console, run, [report], expectations)
+    out.seek(0)
+    assert strips(out.read()) == ["server  data ---idle 3.0 s--- + + x x x RST"]
+    env = {**__import__("os").environ, "PYTHONIOENCODING": "latin-1"}
+    done = kaobs("analyze", "captures/seed_idle3_int2_cnt3_dead_client.pcap", env=env)
+    assert done.returncode == 0 and done.stderr == ""
+    assert "    server  data ---idle 3.0 s--- + + x x x RST" in done.stdout.splitlines()
+
+
 # -- triage -------------------------------------------------------------------------------------------
 
 EXPECT = ["tcp_keepalives_idle=2", "tcp_keepalives_interval=1", "tcp_keepalives_count=2"]
@@ -287,6 +352,15 @@ def test_the_backend_is_named_in_the_summary_line():
     view.connections = {reports[0].connection.index: ConnectionPostgres(backend=backend(4242, 40001))}
     text = rendered(run, reports, expectations, width=None, postgres=view, options=TextOptions(summary=True))
     assert re.search(r"^#1 MISMATCH 10\.9\.0\.2:40001 -> 10\.9\.0\.1:5432 pid 4242 'api': ", text, re.MULTILINE)
+
+
+def test_connection_lists_just_that_one():
+    run, reports, expectations = many_connections(quiet=1, mismatched=2, aborted=0, healthy=0)
+    text = rendered(run, reports, expectations, width=None, options=TextOptions(connection=2))
+    assert re.findall(r"^#(\d+) ", text, re.MULTILINE) == ["2"]
+    assert "2 connection(s) not listed (--connection 2)" in text
+    missing = rendered(run, reports, expectations, width=None, options=TextOptions(connection=9))
+    assert "no connection #9 (the connections are numbered 1 to 3)" in missing
 
 
 # -- the command line ---------------------------------------------------------------------------------

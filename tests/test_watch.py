@@ -391,10 +391,11 @@ def test_watch_json_reports_the_probes_and_its_pcap_says_the_same(tmp_path):
     from tests.test_live import netns_peer, vanishing_client_scenario
 
     pcap = str(tmp_path / "watch.pcap")
+    page = tmp_path / "watch.html"
     with netns_peer() as peer:
         watch = subprocess.Popen(
             kaobs_cmd("watch", "--interface", peer.host_if, "--duration", "9", "--format", "json", "--write", pcap,
-                      *NETNS_EXPECT),
+                      "--html", str(page), *NETNS_EXPECT),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             time.sleep(2.0)  # json mode is silent: give the capture time to open
@@ -415,6 +416,10 @@ def test_watch_json_reports_the_probes_and_its_pcap_says_the_same(tmp_path):
     assert [p["answered"] for p in server["probes"]][-2:] == [False, False]
     assert doc["input"]["sources"] == [f"live:{peer.host_if}"]
     assert doc["input"]["end"] - doc["input"]["start"] == pytest.approx(9.0, abs=0.5)
+    # --html: the run's page, at its end (what it draws is tests/test_html_report.py's business)
+    html = page.read_text()
+    assert f'data-connection="{conn["id"]}" data-verdict="match" data-probes="{server["keepalive_probes"]}"' in html
+    assert f"kaobs: timelines written to {page} (1 connection(s) drawn" in err
     # the capture file, analysed offline, gives the same probes (frame numbers included) and verdict
     packets = assert_headers_only(pcap)
     assert packets == doc["input"]["packets"]

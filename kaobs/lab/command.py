@@ -54,8 +54,9 @@ from kaobs.lab.scenario import (
     sysctl_items,
     vanishing_side,
 )
+from kaobs.mermaid import write_mermaid
 from kaobs.options import (FiniteFloatRange, Output, UserError, expectation_options, idle_cut_option, make_output,
-                           output_options, stdout_closed, write_mode_option)
+                           output_options, stdout_closed, write_html_file, write_mode_option)
 from kaobs.report import TextOptions, echo_json, error_console, render_text, text_console, to_json
 from kaobs.status import exit_status
 from kaobs.watch import run_live
@@ -206,7 +207,8 @@ def lab_json(lab: LabRun, image: str) -> dict:
 @output_options
 def lab(image, idle, interval, count, user_timeout, settings, server_sysctl, client_sysctl, libpq, sessions, fault,
         answered, fault_after, duration, write_path, full_packets, write_mode, expect, client_dsn, sysctls, ports, hz,
-        output_format, idle_cut=None, only=(), summary=False, show_all=False, quiet=False, color="auto") -> None:
+        output_format, idle_cut=None, only=(), summary=False, show_all=False, quiet=False, color="auto",
+        connection=None, html=None) -> None:
     """Run the seed's experiment live in Docker: probes, fault, abort, verdict; then clean up.
 
     Needs root and a Docker engine. The report is judged against the
@@ -214,7 +216,7 @@ def lab(image, idle, interval, count, user_timeout, settings, server_sysctl, cli
     otherwise. Exit 0 when nothing contradicts them, 1 when something
     does, 2 when the lab cannot run.
     """
-    output = make_output(output_format, only, summary, show_all, quiet, color)
+    output = make_output(output_format, only, summary, show_all, quiet, color, connection, html)
     if full_packets and not write_path:
         raise UserError("--full-packets only makes sense with --write FILE.pcap")
     if len(ports) > 1:
@@ -241,9 +243,10 @@ def run_lab(scenario: Scenario, image: str, *, user, hz: int, output_format: str
             full_packets: bool, fault_label: str, output: Output | None = None, write_mode: int = 0o600) -> int:
     """Set up, run live, judge, print, clean up. Returns the exit status; raises UserError when the lab fails."""
     output = output or Output(TextOptions())
+    output.check_html()
     console = text_console(output.color)
     err = error_console(output.color)
-    text = output_format != "json"
+    text = output_format == "text"
     show = console if text else err
 
     def on_event(event: LabEvent) -> None:
@@ -317,6 +320,7 @@ def run_lab(scenario: Scenario, image: str, *, user, hz: int, output_format: str
                           full_packets, output)
     except BrokenPipeError:
         stdout_closed()  # `kaobs lab | head`: the lab ran all the same
+    write_html_file(output, run, reports, expectations, f"kaobs lab {lab.env.run_id}: {plan}")
     return exit_status(tally(reports))
 
 
@@ -327,6 +331,8 @@ def _print_lab_report(console, err, lab: LabRun, run: AnalysisRun, reports: list
         document = to_json(run, reports, expectations)
         document["lab"] = lab_json(lab, image)
         echo_json(document)
+    elif output_format == "mermaid":
+        write_mermaid(sys.stdout, reports, output.text, source=f"kaobs lab {lab.env.run_id}")
     else:
         if not console.is_terminal and not output.quiet:
             console.print()
