@@ -279,8 +279,10 @@ def test_the_server_serves_the_exposition_and_lingers_for_a_scrape_of_the_final_
         assert server.linger(10) is True
     finally:
         server.close()
-    with socket.socket() as again:  # closed: the port is free again
+    with socket.socket() as again:  # closed: nothing listens there any more (its scrapes' TIME_WAITs aside)
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         again.bind(("127.0.0.1", port))
+        again.listen()
 
 
 def test_a_port_in_use_is_one_line():
