@@ -10,11 +10,13 @@ run with a real Prometheus.
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -303,3 +305,85 @@ def test_every_address_serves_ipv4_and_ipv6():
             assert "kaobs_captured_packets_total" in scrape(f"http://[::1]:{server.port}/metrics")[1]
     finally:
         server.close()
+
+
+# -- privileged: the real command, scraped over HTTP ---------------------------------------------
+
+
+def metric_values(text: str) -> dict[tuple[str, frozenset], float]:
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def summed(values: dict, name: str, **labels) -> float:
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in values.items() if n == name and wanted <= ls)
+
+
+@pytest.mark.privileged
+def test_watch_metrics_port_0_scraped_while_it_runs_and_after_it_ends_equal_its_json():
+    """`kaobs watch --metrics 127.0.0.1:0 --metrics-linger`: the last scrape holds the JSON report's numbers."""
+    from tests.test_live import netns_peer, vanishing_client_scenario
+    from tests.test_watch import NETNS_EXPECT, kaobs_cmd, wait_for_line
+
+    with netns_peer() as peer:
+        watch = subprocess.Popen(
+            kaobs_cmd("watch", "--interface", peer.host_if, "--duration", "9", "--format", "json",
+                      "--metrics", "127.0.0.1:0", "--metrics-linger", "20", *NETNS_EXPECT),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            said = wait_for_line(watch.stderr, "kaobs: metrics on http://127.0.0.1:", 20)
+            url = said.split("metrics on ", 1)[1].split()[0]
+            scrapes: list[str] = []
+
+            def scraper():
+                deadline = time.monotonic() + 40
+                while watch.poll() is None and time.monotonic() < deadline:
+                    try:
+                        scrapes.append(scrape(url)[1])
+                    except OSError:
+                        pass  # the server has closed: the run is over
+                    time.sleep(0.5)
+
+            scraping = threading.Thread(target=scraper, daemon=True)
+            scraping.start()
+            time.sleep(1.0)
+            scenario = vanishing_client_scenario(peer)
+            out, err = watch.communicate(timeout=45)
+            scraping.join(10)
+        finally:
+            watch.kill()
+            watch.wait(timeout=10)
+    assert scenario["outcome"] == "Connection timed out"
+    assert watch.returncode == 0, err
+    assert "no scrape came" not in err
+    doc = json.loads(out)
+    [conn] = doc["connections"]
+    server = conn["sides"]["server"]
+    assert server["abort"]["reason"] == "keepalive_count" and server["keepalive_probes"] >= 2
+    during = [metric_values(text) for text in scrapes]
+    assert len(during) >= 5
+    final = during[-1]
+    assert summed(final, "kaobs_keepalive_probes_total", side="server") == server["keepalive_probes"]
+    assert (summed(final, "kaobs_keepalive_probe_answers_total", side="server")
+            - summed(final, "kaobs_keepalive_probe_answers_lost_total", side="server")) == server["answered_probes"]
+    assert summed(final, "kaobs_keepalive_aborts_total", side="server", reason="keepalive_count") == 1
+    assert summed(final, "kaobs_connections_total", verdict=conn["verdict"]) == 1
+    assert summed(final, "kaobs_captured_packets_total") == doc["input"]["packets"]
+    # live: probes were counted while the run went on, before any verdict
+    probing = [v for v in during if summed(v, "kaobs_keepalive_probes_total") > 0]
+    assert probing and summed(probing[0], "kaobs_connections_total") == 0
+
+
+@pytest.mark.privileged
+def test_watch_metrics_on_a_port_in_use_is_one_line_and_exit_2_before_any_capture():
+    from tests.test_watch import kaobs_cmd
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(kaobs_cmd("watch", "--interface", "lo", "--duration", "30", "--metrics",
+                                        f"127.0.0.1:{port}"), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [f"kaobs: error: --metrics 127.0.0.1:{port}: cannot listen: Address already in use"]
