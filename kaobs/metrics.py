@@ -153,7 +153,7 @@ class WatchMetrics:
         self.settings = Info("kaobs_setting", "The keepalive settings judged against, with their value and "
                              "where it came from.", ["side", "setting"], registry=r)
         self.set_expectations(expectations)
-        self._servers: set[str] = set()
+        self._series: dict[tuple[str, int], _Series] = {}
         self._packets = self._segments = self._drops = 0
         self._open_scan = float("-inf")
 
@@ -175,18 +175,25 @@ class WatchMetrics:
                 self.settings.labels(side.side, definition.name(side.side)).info(
                     {"value": BY_KEY[definition.key].text(setting.value), "source": setting.source})
 
-    def _server(self, conn: Connection) -> str:
-        """The server label; a server's first sighting starts its counters at 0, so rate() sees their first rise."""
-        server = conn.server.endpoint
-        if server not in self._servers:
-            self._servers.add(server)
+    def _server(self, conn: Connection) -> "_Series":
+        """A server's live series; its first sighting starts its counters at 0, so rate() sees their first rise."""
+        endpoint = conn.server
+        series = self._series.get((endpoint.address, endpoint.port))
+        if series is None:
+            server = endpoint.endpoint
+            series = self._series[(endpoint.address, endpoint.port)] = _Series(
+                server,
+                {side: self.probes.labels(side, server) for side in SIDES},
+                {side: self.answers.labels(side, server) for side in SIDES},
+                {side: self.window_probes.labels(side, server) for side in SIDES},
+                {side: self.idle.labels(side, server) for side in SIDES},
+                {side: self.interval.labels(side, server) for side in SIDES},
+                self.opened.labels(server))
             for side in SIDES:
-                for family in (self.probes, self.answers, self.answers_lost, self.window_probes):
-                    family.labels(side, server)
+                self.answers_lost.labels(side, server)
             for verdict in VERDICTS:
                 self.connections.labels(server, verdict)
-            self.opened.labels(server)
-        return server
+        return series
 
     # -- live: from the wire -------------------------------------------------------
 
@@ -195,25 +202,25 @@ class WatchMetrics:
         kind = event.kind
         if kind == "probe":
             probe = event.probe
-            server = self._server(event.connection)
+            series = self._server(event.connection)
             if probe.kind == WINDOW:
-                self.window_probes.labels(event.side, server).inc()
+                series.window_probes[event.side].inc()
                 return
-            self.probes.labels(event.side, server).inc()
+            series.probes[event.side].inc()
             if probe.series_index == 1:
                 if probe.since_accepted is not None:
-                    self.idle.labels(event.side, server).observe(probe.t - probe.since_accepted)
+                    series.idle[event.side].observe(probe.t - probe.since_accepted)
                 return
             probes = event.connection.side(event.side).probes
             if len(probes) >= 2 and probes[-1] is probe:
                 previous = probes[-2]
                 if (previous.kind == KEEPALIVE and previous.answer_t is None
                         and previous.since_accepted == probe.since_accepted):
-                    self.interval.labels(event.side, server).observe(probe.t - previous.t)
+                    series.interval[event.side].observe(probe.t - previous.t)
         elif kind == "answer":
-            self.answers.labels(event.side, self._server(event.connection)).inc()
+            self._server(event.connection).answers[event.side].inc()
         elif kind == "connection":
-            self.opened.labels(self._server(event.connection)).inc()
+            self._server(event.connection).opened.inc()
 
     def on_tick(self, connections: Iterable[Connection], stats: LiveStats, now: float,
                 hidden: Callable[[Connection], bool] | None = None, *, final: bool = False) -> None:
@@ -225,11 +232,11 @@ class WatchMetrics:
         if not final and now - self._open_scan < OPEN_SCAN_S:
             return
         self._open_scan = now
-        counts = dict.fromkeys(self._servers, 0)
+        counts = {series.server: 0 for series in self._series.values()}
         for conn in connections:
             if conn.end_reason == "open" and (hidden is None or not hidden(conn)):
-                server = self._server(conn)
-                counts[server] = counts.get(server, 0) + 1
+                server = self._server(conn).server
+                counts[server] += 1
         for server, count in counts.items():
             self.open.labels(server).set(count)
 
@@ -237,7 +244,7 @@ class WatchMetrics:
 
     def on_judged(self, report: ConnectionReport) -> None:
         """A connection's final judgment: its verdict, aborts, stalls, the path's cut, contradicted settings."""
-        server = self._server(report.connection)
+        server = self._server(report.connection).server
         self.connections.labels(server, report.verdict).inc()
         for side in (report.server, report.client):
             lost = len(side.lost_answers)
@@ -257,6 +264,19 @@ class WatchMetrics:
         if death is not None:
             cause, idle = death
             self.death.labels(server, DEATH_CAUSE_LABELS.get(cause, cause.replace(" ", "_"))).observe(idle)
+
+
+@dataclass(slots=True)
+class _Series:
+    """One server's live series, looked up once: `labels()` costs more than the increment itself."""
+
+    server: str
+    probes: dict
+    answers: dict
+    window_probes: dict
+    idle: dict
+    interval: dict
+    opened: Counter
 
 
 # -- serving ---------------------------------------------------------------------------
