@@ -387,3 +387,37 @@ def test_watch_metrics_on_a_port_in_use_is_one_line_and_exit_2_before_any_captur
                                         f"127.0.0.1:{port}"), capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == [f"kaobs: error: --metrics 127.0.0.1:{port}: cannot listen: Address already in use"]
+
+
+def readme_queries() -> list[str]:
+    """The PromQL of the README's Grafana table (its second column, in backquotes)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("### Metrics\n", 1)[1].split("\n## ", 1)[0]
+    queries = []
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        if len(cells) == 2 and cells[1].startswith("`") and cells[0] not in ("panel", "---"):
+            queries.append(cells[1].split("` (and")[0].strip("`"))
+    return queries
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None and not __import__("os").environ.get("CI"),
+                    reason="promtool not installed (apt-get install prometheus; scripts/setup.sh does)")
+def test_the_readme_queries_parse_and_name_metrics_that_exist(tmp_path):
+    import re
+
+    queries = readme_queries()
+    assert len(queries) >= 10
+    rules = tmp_path / "rules.yml"
+    rules.write_text("groups:\n  - name: readme\n    rules:\n" + "".join(
+        f"      - record: readme:query{i}\n        expr: '{q}'\n" for i, q in enumerate(queries)))
+    checked = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    metrics, _, _ = replay_metrics(mixed())
+    names = {sample.name for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+             for sample in family.samples}
+    for query in queries:
+        for name in re.findall(r"\bkaobs_\w+", query):
+            assert name in names, (name, query)
