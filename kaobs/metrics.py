@@ -373,7 +373,7 @@ class MetricsServer:
         assert self._httpd is not None
         host, port = self._httpd.server_address[:2]
         if host in ("0.0.0.0", "::"):
-            return f"http://:{port}/metrics (every address)"
+            return f"http://localhost:{port}/metrics (listening on every address)"
         return f"http://[{host}]:{port}/metrics" if ":" in host else f"http://{host}:{port}/metrics"
 
     @property
