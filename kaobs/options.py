@@ -287,3 +287,34 @@ def stdout_closed() -> None:
         os.close(devnull)
     except (OSError, ValueError):
         pass
+
+
+class ListenAddressType(click.ParamType):
+    """``HOST:PORT``, ``:PORT`` or ``[IPv6]:PORT`` for --metrics (parsed in `kaobs.metrics`)."""
+
+    name = "HOST:PORT"
+
+    def convert(self, value, param, ctx):
+        from kaobs.metrics import ListenAddress, parse_listen_address
+
+        if isinstance(value, ListenAddress):
+            return value
+        try:
+            return parse_listen_address(value)
+        except ValueError as error:
+            self.fail(f"{value!r}: {error}", param, ctx)
+
+
+def metrics_options(function):
+    """--metrics/--metrics-linger, shared by watch and lab."""
+    options = [
+        click.option("--metrics", "metrics_address", type=ListenAddressType(), default=None, metavar="HOST:PORT",
+                     help="Serve Prometheus metrics over HTTP on HOST:PORT (':9432': every address; port 0: a free "
+                          "one, said on stderr)."),
+        click.option("--metrics-linger", type=FiniteFloatRange(min=0), default=0.0, show_default=True, metavar="S",
+                     help="With --metrics: after the run, keep serving until Prometheus has scraped the final "
+                          "numbers, at most S seconds (give one scrape interval or more for a --duration run)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import click
 from rich.console import Console
@@ -37,6 +37,7 @@ from kaobs.options import (
     idle_cut_option,
     make_expectations,
     make_output,
+    metrics_options,
     output_options,
     stdout_closed,
     write_html_file,
@@ -47,6 +48,9 @@ from kaobs.report import echo_json, error_console, render_text, text_console, to
 from kaobs.status import exit_status
 from sniffer.capture import LiveCapture
 from sniffer.records import CaptureError
+
+if TYPE_CHECKING:
+    from kaobs.metrics import WatchMetrics
 
 ALARM_CHECK_S = 0.25
 """How often alarms are looked for: well under the 1 s grace LiveMonitor allows."""
@@ -73,6 +77,8 @@ def run_live(
     backend_of: BackendOf | None = None,
     quiet: bool = False,
     err: Console | None = None,
+    on_judged: Callable[[ConnectionReport], None] | None = None,
+    metrics: WatchMetrics | None = None,
 ) -> tuple[AnalysisRun, list[ConnectionReport]]:
     """Feed the model from `capture` until `duration`, `stop`, or Ctrl-C; return the final run and reports.
 
@@ -88,6 +94,11 @@ def run_live(
     reports alike, so that both say the same. Connections `hide` says are
     not the user's (kaobs's own --dsn session) are neither shown nor
     reported. `backend_of` names a connection's backend (--dsn).
+
+    `on_judged` is called once for each connection reported, as soon as its
+    final verdict is known (at the latest when the run ends). `metrics`
+    (--metrics) is given the model's events as they come and the capture's
+    counters a few times a second; its verdicts come through `on_judged`.
     """
     console = console or text_console()
     err = err or error_console()
@@ -148,6 +159,8 @@ def run_live(
                 for event in events:
                     if hide is not None and hide(event.connection):
                         continue
+                    if metrics is not None:
+                        metrics.on_event(event)
                     line = event_line(event, monitor)
                     if line is not None:
                         say(line, alarm=" ALARM " in line)
@@ -162,6 +175,8 @@ def run_live(
                         say(line, alarm=line.startswith("postgres: FINDING"))
                 if mode == "lines":
                     _say_verdicts(model.connections, monitor, now, verdicts, say)
+                if metrics is not None:
+                    metrics.on_tick(model.connections, capture.stats(), now, monitor.is_hidden)
             if live is not None and now - last_view >= VIEW_REFRESH_S:
                 last_view = now
                 stats = capture.stats()
@@ -202,6 +217,11 @@ def run_live(
             f"{stats.segments} TCP segments, {sum(1 for c in model.connections if not monitor.is_hidden(c))} connection(s)")
     reports = [report for report in analysis.reports(expectations, end, idle_cut, monitor.expectations_of)
                if hide is None or not hide(report.connection)]
+    if metrics is not None:
+        metrics.on_tick(model.connections, stats, end, monitor.is_hidden, final=True)
+    if on_judged is not None:
+        for report in reports:
+            on_judged(report)
     return run, reports
 
 
@@ -283,10 +303,12 @@ def set_priority(niceness: int) -> None:
 @click.option("--nice", "niceness", type=click.IntRange(-20, 19), default=0, show_default=True, metavar="N",
               help="Run at this scheduling priority (e.g. -10) so a saturated machine does not starve the capture.")
 @idle_cut_option
+@metrics_options
 @output_options
 def watch(expression_words, interfaces, container, network, expect, client_dsn, sysctls, ports, hz, output_format,
           duration, write_path, full_packets, write_mode=0o600, dsn=None, niceness=0, idle_cut=None, only=(),
-          summary=False, show_all=False, quiet=False, color="auto", connection=None, html=None) -> None:
+          summary=False, show_all=False, quiet=False, color="auto", connection=None, html=None,
+          metrics_address=None, metrics_linger=0.0) -> None:
     """Watch live Postgres traffic: probes, answers, aborts and alarms as they happen, then the report.
 
     Without --interface/--container/--network, captures on the Docker
@@ -307,6 +329,15 @@ def watch(expression_words, interfaces, container, network, expect, client_dsn, 
         target = find_target(interfaces=interfaces, container=container, network=network, ports=ports)
     except DiscoveryError as error:
         raise UserError(str(error)) from None
+    metrics = server = None
+    if metrics_address is not None:  # listening before anything else starts: a port in use is said at once
+        from kaobs.metrics import MetricsError, metrics_say, start_metrics
+
+        try:
+            metrics, server = start_metrics(metrics_address, expectations, metrics_say(quiet, metrics_address))
+        except MetricsError as error:
+            raise UserError(str(error)) from None
+        click.get_current_context().call_on_close(server.close)  # however the watch ends
     postgres = None
     if dsn is not None:
         from kaobs.postgres import Postgres
@@ -316,6 +347,8 @@ def watch(expression_words, interfaces, container, network, expect, client_dsn, 
         if postgres.interrupted:  # Ctrl-C while connecting: the user stopped before anything was watched
             sys.exit(exit_status({}, postgres.view))
         expectations = postgres.expectations
+        if metrics is not None:
+            metrics.set_expectations(expectations)
     output.check_html()
     if niceness:
         set_priority(niceness)
@@ -332,7 +365,8 @@ def watch(expression_words, interfaces, container, network, expect, client_dsn, 
                 on_tick=postgres.tick_lines if postgres is not None else None, idle_cut=idle_cut,
                 hide=postgres.is_own if postgres is not None else None,
                 backend_of=postgres.backend_of if postgres is not None else None,
-                quiet=quiet, err=error_console(color))
+                quiet=quiet, err=error_console(color), metrics=metrics,
+                on_judged=metrics.on_judged if metrics is not None else None)
     except CaptureError as error:
         raise UserError(str(error)) from None
     finally:
@@ -360,4 +394,8 @@ def watch(expression_words, interfaces, container, network, expect, client_dsn, 
     except BrokenPipeError:
         stdout_closed()  # `kaobs watch | head`: the watch itself stands
     write_html_file(output, run, reports, expectations, f"kaobs watch: {target.description}", view)
+    if server is not None:
+        from kaobs.metrics import end_metrics, metrics_say
+
+        end_metrics(server, metrics_linger, metrics_say(quiet, server.address))
     sys.exit(exit_status(tally(reports), view))

@@ -6,7 +6,7 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 export DEBIAN_FRONTEND=noninteractive
 
 need_apt=()
-for cmd in dockerd:docker.io tcpdump:tcpdump tshark:tshark debootstrap:debootstrap ip:iproute2 iptables:iptables nsenter:util-linux chromium:chromium; do
+for cmd in dockerd:docker.io tcpdump:tcpdump tshark:tshark debootstrap:debootstrap ip:iproute2 iptables:iptables nsenter:util-linux chromium:chromium prometheus:prometheus promtool:prometheus; do
     command -v "${cmd%%:*}" >/dev/null 2>&1 || need_apt+=("${cmd#*:}")
 done
 # chromium opens the --html pages in the tests; without a font its screenshots are empty boxes
@@ -26,7 +26,7 @@ if ! python3 -m pip --version >/dev/null 2>&1; then
 fi
 export PIP_BREAK_SYSTEM_PACKAGES=1
 python3 -m pip install -q --disable-pip-version-check -e "$here[test]" 2>&1 | grep -v -e "Running pip as the 'root' user" -e "^WARNING: Location" >&2 || true
-python3 -c "import kaobs.cli, scapy, psycopg, rich, docker, pcapy, zstandard, bokeh, playwright, mermaidx" >/dev/null
+python3 -c "import kaobs.cli, scapy, psycopg, rich, docker, pcapy, zstandard, bokeh, playwright, mermaidx, prometheus_client" >/dev/null
 
 bash "$here/scripts/start-docker.sh"
 bash "$here/scripts/build-pg-image.sh"

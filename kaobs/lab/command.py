@@ -56,7 +56,7 @@ from kaobs.lab.scenario import (
 )
 from kaobs.mermaid import write_mermaid
 from kaobs.options import (FiniteFloatRange, Output, UserError, expectation_options, idle_cut_option, make_output,
-                           output_options, stdout_closed, write_html_file, write_mode_option)
+                           metrics_options, output_options, stdout_closed, write_html_file, write_mode_option)
 from kaobs.report import TextOptions, echo_json, error_console, render_text, text_console, to_json
 from kaobs.status import exit_status
 from kaobs.watch import run_live
@@ -204,11 +204,12 @@ def lab_json(lab: LabRun, image: str) -> dict:
 @write_mode_option
 @expectation_options
 @idle_cut_option
+@metrics_options
 @output_options
 def lab(image, idle, interval, count, user_timeout, settings, server_sysctl, client_sysctl, libpq, sessions, fault,
         answered, fault_after, duration, write_path, full_packets, write_mode, expect, client_dsn, sysctls, ports, hz,
         output_format, idle_cut=None, only=(), summary=False, show_all=False, quiet=False, color="auto",
-        connection=None, html=None) -> None:
+        connection=None, html=None, metrics_address=None, metrics_linger=0.0) -> None:
     """Run the seed's experiment live in Docker: probes, fault, abort, verdict; then clean up.
 
     Needs root and a Docker engine. The report is judged against the
@@ -235,13 +236,27 @@ def lab(image, idle, interval, count, user_timeout, settings, server_sysctl, cli
         check_image(image)
     except (LabError, ExpectationError) as error:
         raise UserError(str(error)) from None
+    served = None
+    if metrics_address is not None:  # listening before any container starts: a port in use is said at once
+        from kaobs.metrics import MetricsError, metrics_say, start_metrics
+
+        try:
+            served = (*start_metrics(metrics_address, None, metrics_say(quiet, metrics_address)), metrics_linger)
+        except MetricsError as error:
+            raise UserError(str(error)) from None
+        click.get_current_context().call_on_close(served[1].close)
     sys.exit(run_lab(scenario, image, user=user, hz=int(hz), output_format=output_format, write_path=write_path,
-                     full_packets=full_packets, fault_label=fault, output=output, write_mode=write_mode))
+                     full_packets=full_packets, fault_label=fault, output=output, write_mode=write_mode,
+                     metrics=served))
 
 
 def run_lab(scenario: Scenario, image: str, *, user, hz: int, output_format: str, write_path: str | None,
-            full_packets: bool, fault_label: str, output: Output | None = None, write_mode: int = 0o600) -> int:
-    """Set up, run live, judge, print, clean up. Returns the exit status; raises UserError when the lab fails."""
+            full_packets: bool, fault_label: str, output: Output | None = None, write_mode: int = 0o600,
+            metrics=None) -> int:
+    """Set up, run live, judge, print, clean up. Returns the exit status; raises UserError when the lab fails.
+
+    `metrics` (--metrics): the run's `WatchMetrics`, its listening `MetricsServer` and the linger in seconds.
+    """
     output = output or Output(TextOptions())
     output.check_html()
     console = text_console(output.color)
@@ -289,13 +304,17 @@ def run_lab(scenario: Scenario, image: str, *, user, hz: int, output_format: str
     try:
         try:
             lab.__enter__()
+            watch_metrics = metrics[0] if metrics is not None else None
+            if watch_metrics is not None:
+                watch_metrics.set_expectations(lab_expectations(lab, "", user))
             with lab.capture() as capture:
                 lab.start()
                 run, reports = run_live(
                     capture, expectations=lab.default_expectations(), ports=[scenario.port], hz=hz,
                     output_format=output_format, duration=lab.bound + 10, stop=lab.stop_event, console=console,
                     title=f"kaobs lab {lab.env.run_id}", idle_cut=scenario.idle_cut,
-                    expectations_for=live_expectations(lab, user), quiet=output.quiet, err=err)
+                    expectations_for=live_expectations(lab, user), quiet=output.quiet, err=err,
+                    metrics=watch_metrics, on_judged=watch_metrics.on_judged if watch_metrics is not None else None)
             if lab.error:
                 raise LabError(lab.error)
             result = run, rejudge(lab, run, reports, user, hz)
@@ -321,6 +340,11 @@ def run_lab(scenario: Scenario, image: str, *, user, hz: int, output_format: str
     except BrokenPipeError:
         stdout_closed()  # `kaobs lab | head`: the lab ran all the same
     write_html_file(output, run, reports, expectations, f"kaobs lab {lab.env.run_id}: {plan}")
+    if metrics is not None:
+        from kaobs.metrics import end_metrics, metrics_say
+
+        _, server, linger = metrics
+        end_metrics(server, linger, metrics_say(output.quiet, server.address))
     return exit_status(tally(reports))
 
 
