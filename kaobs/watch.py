@@ -287,7 +287,7 @@ def set_priority(niceness: int) -> None:
 @click.command(short_help="Watch live Postgres traffic, then print the report.")
 @click.argument("expression_words", nargs=-1, metavar="[EXPRESSION]")
 @click.option("--interface", "-i", "interfaces", multiple=True, metavar="IF",
-              help="Capture on this interface (repeatable): a Docker bridge, a veth, lo, eth0.")
+              help="Capture on this interface (repeatable): a Docker bridge, a veth, lo, eth0; 'any' for all, new ones included.")
 @click.option("--container", metavar="NAME",
               help="Capture the traffic of this Docker container (its bridge, filtered on its address).")
 @click.option("--network", metavar="NAME", help="Capture on this Docker network's bridge.")

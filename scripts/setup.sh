@@ -26,7 +26,8 @@ if ! python3 -m pip --version >/dev/null 2>&1; then
 fi
 export PIP_BREAK_SYSTEM_PACKAGES=1
 python3 -m pip install -q --disable-pip-version-check -e "$here[test]" 2>&1 | grep -v -e "Running pip as the 'root' user" -e "^WARNING: Location" >&2 || true
-python3 -c "import kaobs.cli, scapy, psycopg, rich, docker, pcapy, zstandard, bokeh, playwright, mermaidx, prometheus_client" >/dev/null
+python3 -c "import kaobs.cli, scapy, psycopg, rich, docker, pcapy, zstandard, bokeh, playwright, mermaidx, prometheus_client, yaml, check_jsonschema, kubernetes_validate" >/dev/null
 
 bash "$here/scripts/start-docker.sh"
 bash "$here/scripts/build-pg-image.sh"
+bash "$here/scripts/build-kaobs-image.sh"

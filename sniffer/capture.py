@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from sniffer.dedupe import CopyFilter
-from sniffer.discovery import interface_exists
+from sniffer.discovery import ANY, interface_exists
 from sniffer.dissect import LINKTYPE_ETHERNET, LINKTYPE_RAW, make_dissector
 from sniffer.records import CaptureError, Record
 
@@ -184,7 +184,9 @@ class LiveCapture:
         self._stats = LiveStats()
         self._stats_lock = threading.Lock()
         self._frame = 0
-        self._copies = CopyFilter() if len(self.interfaces) > 1 else None
+        if ANY in self.interfaces:  # all of them: naming others too adds nothing
+            self.interfaces = [ANY]
+        self._copies = CopyFilter() if len(self.interfaces) > 1 or self.interfaces == [ANY] else None
         self._dissectors: dict[int, object] = {}
         self._last_flush = 0.0
         self.path_notes: list[str] = []
@@ -235,6 +237,8 @@ class LiveCapture:
         ring_tap = self._open_ring(interface, index)
         if ring_tap is not None:
             return ring_tap
+        if interface == ANY:
+            raise CaptureError(f"cannot capture on any: it needs a TPACKET_V3 packet ring ({'; '.join(self.path_notes)})")
         scapy_log = logging.getLogger("scapy.runtime")
         level = scapy_log.level
         scapy_log.setLevel(logging.ERROR)  # "Unable to guess type" on lo is noise: we parse frames ourselves
@@ -270,7 +274,8 @@ class LiveCapture:
         except BaseException:
             sock.close()
             raise
-        return _Tap(interface, sock, linktype, hatype == _ARPHRD_LOOPBACK, index)
+        # copies across interfaces are told apart by interface index, as the ring reports it
+        return _Tap(interface, sock, linktype, hatype == _ARPHRD_LOOPBACK, socket.if_nametoindex(interface))
 
     def _open_ring(self, interface: str, index: int) -> _Tap | None:
         """A tap reading a TPACKET_V3 ring (`sniffer.ring`): one wake-up per block, not a syscall per packet.
@@ -411,10 +416,10 @@ class LiveCapture:
         each = None
         if self._copies is not None or self._writer is not None:
             copies, writer, full, stats = self._copies, self._writer, self.full_packets, self._stats
-            linktype, index = tap.linktype, tap.index
+            linktype = tap.linktype
 
-            def each(data, frame: int, t: float, wirelen: int) -> bool:  # noqa: ARG001 - frame: the number it gets
-                if copies is not None and copies.is_copy(linktype, data, 0, len(data), t, index):
+            def each(data, frame: int, t: float, wirelen: int, ifindex: int) -> bool:  # noqa: ARG001 - frame: the number it gets
+                if copies is not None and copies.is_copy(linktype, data, 0, len(data), t, ifindex):
                     stats.duplicates += 1
                     return False
                 if writer is not None:

@@ -21,6 +21,8 @@ from typing import Any, Iterable, Sequence
 BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
 DEFAULT_BRIDGE = "docker0"
 TCP_LISTEN = "0A"
+ANY = "any"
+"""The pseudo-interface for all interfaces of the network namespace, as in tcpdump (read by one packet ring)."""
 CHOICES = "choose with --interface IF, --container NAME or --network NAME"
 
 
@@ -242,6 +244,8 @@ def find_target(*, interfaces: Sequence[str] = (), container: str | None = None,
         if missing:
             raise DiscoveryError(f"no such network interface: {', '.join(missing)} (interfaces here: "
                                  f"{', '.join(interface_names())})")
+        if ANY in interfaces:  # all of them, as tcpdump -i any: the others named add nothing
+            return Target([ANY], [], "any (all interfaces)")
         return Target(list(dict.fromkeys(interfaces)), [], ", ".join(interfaces))
     if client is None:
         client = docker_client()
@@ -284,7 +288,9 @@ def _checked(target: Target) -> Target:
 
 
 def interface_exists(name: str) -> bool:
-    """Does this network namespace have an interface of that name?"""
+    """Does this network namespace have an interface of that name? (`ANY`, all of them, always.)"""
+    if name == ANY:
+        return True
     try:
         socket.if_nametoindex(name)
     except OSError:

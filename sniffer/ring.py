@@ -19,6 +19,14 @@ the form `KeepaliveModel.feed_records` takes, with the dissection routine
 every reader shares (`sniffer.dissect`), reading each frame in place in the
 mapping.
 
+The interface ``any`` (`ANY`) is one socket for all interfaces, those that
+appear later included (a new container's veth), as ``tcpdump -i any``: a
+``SOCK_DGRAM`` packet socket bound to no interface, which hands over packets
+from their network header on (link type RAW, the filter compiled for it).
+Each frame's interface index comes with it (``sll_ifindex``), so that the
+caller can drop a packet's copies on a bridge and its veths; loopback's
+outgoing copies are skipped as on ``lo`` itself.
+
 Linux only; `RingUnavailable` says why when a ring cannot be set up (old
 kernel, no libpcap, a seccomp'd container), and the caller falls back to the
 plain socket.
@@ -32,6 +40,7 @@ import socket
 import struct
 from typing import Callable
 
+from sniffer.discovery import ANY
 from sniffer.dissect import LINKTYPE_ETHERNET, LINKTYPE_RAW, make_dissector
 
 SOL_PACKET = 263
@@ -43,6 +52,8 @@ TPACKET_V3 = 2
 PACKET_MR_PROMISC = 1
 SO_ATTACH_FILTER = 26
 ETH_P_ALL = 0x0003
+DLT_RAW = 12
+"""libpcap's data link type for packets that begin with their IP header (what SOCK_DGRAM reads)."""
 PACKET_OUTGOING = 4
 
 TP_STATUS_KERNEL = 0
@@ -81,6 +92,10 @@ _HDR = struct.Struct("IIIIIIHH")
 # The part of it the walk needs: tp_next_offset, tp_sec, tp_nsec, tp_snaplen, tp_len, tp_mac.
 _HDR_USED = struct.Struct("IIIII4xH")
 _SLL_PKTTYPE_OFFSET = 48 + 10  # TPACKET_ALIGN(sizeof tpacket3_hdr) + offset of sll_pkttype in sockaddr_ll
+_SLL_IFINDEX_OFFSET = 48 + 4  # ... and of sll_ifindex
+_IFINDEX = struct.Struct("i")
+# struct sockaddr_ll: family, protocol (network order), ifindex, hatype, pkttype, halen, addr[8]
+_SOCKADDR_LL = struct.Struct("HHiHBB8s")
 _BPF_INSN = struct.Struct("HBBI")
 _BPF_RET_K = 0x06
 _STATS = struct.Struct("II")
@@ -108,14 +123,17 @@ def patched_filter(program: bytes, snaplen: int) -> bytes:
     return bytes(out)
 
 
-def compile_bpf(expression: str, interface: str) -> bytes:
-    """The filter compiled by libpcap (through scapy) as raw ``struct sock_filter`` instructions."""
+def compile_bpf(expression: str, interface: str | None, linktype: int | None = None) -> bytes:
+    """The filter compiled by libpcap (through scapy) as raw ``struct sock_filter`` instructions.
+
+    For `interface`'s link type, or for `linktype` (a DLT) when given.
+    """
     try:
         from scapy.arch.common import compile_filter
     except ImportError as error:  # pragma: no cover - scapy is a dependency
         raise RingUnavailable(f"no BPF compiler: {error}") from None
     try:
-        program = compile_filter(expression, iface=interface)
+        program = compile_filter(expression, iface=interface, linktype=linktype)
     except Exception as error:  # noqa: BLE001 - scapy raises its own types
         raise RingUnavailable(f"cannot compile {expression!r}: {error}") from None
     raw = ctypes.string_at(program.bf_insns, program.bf_len * _BPF_INSN.size)
@@ -126,6 +144,15 @@ def compile_bpf(expression: str, interface: str) -> bytes:
     except Exception:  # noqa: BLE001 - a leak of a few bytes is fine
         pass
     return raw
+
+
+def bind_all_interfaces(sock: socket.socket) -> None:
+    """Bind a packet socket to every interface (``sll_ifindex`` 0), which Python's `bind` cannot express."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    address = _SOCKADDR_LL.pack(socket.AF_PACKET, socket.htons(ETH_P_ALL), 0, 0, 0, 0, b"")
+    if libc.bind(sock.fileno(), ctypes.c_char_p(address), len(address)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def attach_bpf(sock: socket.socket, program: bytes) -> None:
@@ -153,16 +180,18 @@ class PacketRing:
         self._sock: socket.socket | None = None
         self._map: mmap.mmap | None = None
         self._next_block = 0
+        self.all_interfaces = interface == ANY
         try:
-            ifindex = socket.if_nametoindex(interface)
+            ifindex = 0 if self.all_interfaces else socket.if_nametoindex(interface)
         except OSError:
             raise RingUnavailable(f"no such network interface: {interface}") from None
-        program = compile_bpf(bpf, interface)
+        self.loopback_index = _loopback_index()
+        program = compile_bpf(bpf, None, DLT_RAW) if self.all_interfaces else compile_bpf(bpf, interface)
         if snaplen:
             program = patched_filter(program, snaplen)
         try:
             # Protocol 0: nothing arrives before the filter is on and the socket is bound.
-            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM if self.all_interfaces else socket.SOCK_RAW, 0)
         except OSError as error:
             raise RingUnavailable(f"no packet socket: {error.strerror or error}") from None
         self._sock = sock
@@ -174,16 +203,21 @@ class PacketRing:
                             _REQ3.pack(block_size, block_count, FRAME_SIZE, frames, timeout_ms, 0, 0))
             self._map = mmap.mmap(sock.fileno(), block_size * block_count, mmap.MAP_SHARED,
                                   mmap.PROT_READ | mmap.PROT_WRITE)
-            if promisc:
-                sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP,
-                                struct.pack("iHH8s", ifindex, PACKET_MR_PROMISC, 0, b""))
-            sock.bind((interface, ETH_P_ALL))
-            self.hatype = sock.getsockname()[3]
+            if self.all_interfaces:  # no promiscuous mode: it is per interface (tcpdump -i any has none either)
+                bind_all_interfaces(sock)
+                self.hatype = None
+            else:
+                if promisc:
+                    sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP,
+                                    struct.pack("iHH8s", ifindex, PACKET_MR_PROMISC, 0, b""))
+                sock.bind((interface, ETH_P_ALL))
+                self.hatype = sock.getsockname()[3]
         except OSError as error:
             self.close()
             raise RingUnavailable(f"no TPACKET_V3 ring on {interface}: {error.strerror or error}") from None
+        self.ifindex = ifindex
         self.loopback = self.hatype == 772
-        self.linktype = (linktype_of or _default_linktype)(self.hatype)
+        self.linktype = LINKTYPE_RAW if self.all_interfaces else (linktype_of or _default_linktype)(self.hatype)
         if self.linktype is None:
             self.close()
             raise RingUnavailable(f"unsupported hardware type {self.hatype} on {interface}")
@@ -213,13 +247,13 @@ class PacketRing:
         return _STATS.unpack(raw)
 
     def drain(self, frame: int, out: list, *, max_blocks: int = 0,
-              each: Callable[[memoryview | bytes, int, float, int], bool] | None = None) -> tuple[int, int]:
+              each: Callable[[memoryview | bytes, int, float, int, int], bool] | None = None) -> tuple[int, int]:
         """Append the records of every block handed over so far to `out`; return (last frame number, packets read).
 
         Frames are numbered from `frame` + 1. With `each`, every frame is first
-        shown to ``each(data, number_it_would_get, t, wirelen)``, and skipped
-        (not numbered) when it returns False: the caller's dedupe and pcap
-        writer. Loopback's outgoing copies are skipped as libpcap does.
+        shown to ``each(data, number_it_would_get, t, wirelen, ifindex)``, and
+        skipped (not numbered) when it returns False: the caller's dedupe and
+        pcap writer. Loopback's outgoing copies are skipped as libpcap does.
         """
         mm = self._map
         if mm is None:
@@ -233,6 +267,10 @@ class PacketRing:
         dissect = self._dissect
         append = out.append
         loopback = self.loopback
+        all_interfaces = self.all_interfaces
+        lo_index = self.loopback_index
+        ifindex = self.ifindex
+        ifindex_unpack = _IFINDEX.unpack_from
         packets = 0
         blocks = 0
         while True:
@@ -247,11 +285,16 @@ class PacketRing:
                 next_off, sec, nsec, snap, wirelen, mac = hdr_unpack(mm, off)
                 start = off + mac
                 off += next_off
-                if loopback and mm[start - mac + _SLL_PKTTYPE_OFFSET] == PACKET_OUTGOING:
+                if all_interfaces:
+                    ifindex = ifindex_unpack(mm, start - mac + _SLL_IFINDEX_OFFSET)[0]
+                    if ifindex == lo_index and mm[start - mac + _SLL_PKTTYPE_OFFSET] == PACKET_OUTGOING:
+                        packets -= 1
+                        continue
+                elif loopback and mm[start - mac + _SLL_PKTTYPE_OFFSET] == PACKET_OUTGOING:
                     packets -= 1
                     continue
                 t = sec + nsec * 1e-9
-                if each is not None and not each(mm[start:start + snap], frame + 1, t, wirelen):
+                if each is not None and not each(mm[start:start + snap], frame + 1, t, wirelen, ifindex):
                     continue
                 frame += 1  # a non-TCP frame that got through the filter still has its number
                 record = dissect(mm, start, start + snap, frame, t, wirelen)
@@ -263,6 +306,13 @@ class PacketRing:
             if max_blocks and blocks >= max_blocks:
                 break
         return frame, packets
+
+
+def _loopback_index() -> int:
+    try:
+        return socket.if_nametoindex("lo")
+    except OSError:
+        return -1
 
 
 def _default_linktype(hatype: int) -> int | None:

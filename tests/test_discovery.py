@@ -199,7 +199,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 
-IMAGE = os.environ.get("KAOBS_PG_IMAGE", "kaobs/postgres:15-local")
+IMAGE = os.environ.get("KAOBS_LAB_IMAGE", "kaobs/postgres:15-local")
 LABEL = "kaobs.test"
 
 
