@@ -422,6 +422,11 @@ class BackendTracker:
     def pid(self, index: int) -> int | None:
         return self._pids.get(index)
 
+    def forget(self, index: int) -> None:
+        """A connection nobody will ask about again (it left a long live run)."""
+        self._pids.pop(index, None)
+        self._backends.pop(index, None)
+
     def backend(self, index: int) -> Backend | None:
         return self._backends.get(index)
 

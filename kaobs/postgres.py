@@ -501,6 +501,12 @@ class Postgres:
                                  "pid": server.own_pid if server is not None else None}
         return True
 
+    def forget(self, conn: Connection) -> None:
+        """A connection the final report will not show left the live model: drop what is kept of it (long runs)."""
+        self._not_own.discard(conn.index)
+        self.tracker.forget(conn.index)
+        self._pending.pop(conn.index, None)
+
     def backend_of(self, index: int) -> Backend | None:
         """The backend a live connection was matched to, when known."""
         return self.tracker.backend(index)

@@ -16,7 +16,8 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, Sequence
+from array import array
+from typing import Callable, Iterator, Sequence
 
 import click
 from rich.console import Console
@@ -25,8 +26,8 @@ from rich.live import Live
 from analysis.expect import Expectations
 from analysis.model import Connection, ModelEvent
 from analysis.outlook import ExpectationsFor, LiveMonitor
-from analysis.pipeline import Analysis, AnalysisRun, tally
-from analysis.verdict import ConnectionReport
+from analysis.pipeline import Analysis, AnalysisRun, judge_in_order, tally
+from analysis.verdict import VERDICTS, ConnectionReport
 from analysis.words import local_clock
 from kaobs.liveview import BackendOf, LiveHeader, alarm_line, event_line, live_view, verdict_line
 from kaobs.options import (
@@ -43,7 +44,16 @@ from kaobs.options import (
     write_mode_option,
 )
 from kaobs.mermaid import write_mermaid
-from kaobs.report import echo_json, error_console, render_text, text_console, to_json
+from kaobs.report import (
+    TextOptions,
+    Unlisted,
+    error_console,
+    render_text,
+    text_console,
+    text_needs,
+    write_json_streamed,
+)
+from kaobs.spool import ReportSpool
 from kaobs.status import exit_status
 from sniffer.capture import LiveCapture
 from sniffer.records import CaptureError
@@ -73,7 +83,11 @@ def run_live(
     backend_of: BackendOf | None = None,
     quiet: bool = False,
     err: Console | None = None,
-) -> tuple[AnalysisRun, list[ConnectionReport]]:
+    on_judged: Callable[[ConnectionReport], None] | None = None,
+    needs_report: Callable[[ConnectionReport], bool] | None = None,
+    text_options: TextOptions | None = None,
+    on_dropped: Callable[[Connection], None] | None = None,
+) -> tuple[AnalysisRun, "JudgedReports"]:
     """Feed the model from `capture` until `duration`, `stop`, or Ctrl-C; return the final run and reports.
 
     `output_format` "json" (or `quiet`) shows nothing live on `console`
@@ -88,6 +102,16 @@ def run_live(
     reports alike, so that both say the same. Connections `hide` says are
     not the user's (kaobs's own --dsn session) are neither shown nor
     reported. `backend_of` names a connection's backend (--dsn).
+
+    Memory stays bounded however long it runs: a connection that ended (and
+    saw nothing for a few seconds, see `KeepaliveModel`) is judged then,
+    with its own expectations, and leaves the model and the monitor for
+    good. `on_judged` sees every reported connection once, when its final
+    verdict is known: as it retires, or at the end for those still there.
+    A retired report goes to a temporary file (`ReportSpool`) when
+    `needs_report` says the final report needs it whole (default: all of
+    them), else it is only counted (`Unlisted`, by `text_options`) and
+    `on_dropped` hears of it. The reports returned merge both, by index.
     """
     console = console or text_console()
     err = err or error_console()
@@ -95,7 +119,35 @@ def run_live(
     started = capture.started or clock()
     deadline = None if duration is None else started + duration
     events: list[ModelEvent] = []
-    analysis = Analysis(ports, on_event=events.append, hz=hz)
+    verdicts: dict[int, str] = {}
+    counts = dict.fromkeys(VERDICTS, 0)
+    spool = ReportSpool()
+    unlisted = Unlisted()
+    options = text_options or TextOptions()
+
+    def retire(conn: Connection) -> None:
+        """A connection leaving the model for good: judged now, as the end of the run would judge it."""
+        verdicts.pop(conn.index, None)
+        if monitor.is_hidden(conn):
+            monitor.forget(conn)
+            if on_dropped is not None:
+                on_dropped(conn)
+            return
+        [report] = judge_in_order([conn], expectations, max(clock(), conn.end), hz, idle_cut, analysis.path,
+                                  monitor.expectations_of)
+        monitor.forget(conn)
+        counts[report.verdict] += 1
+        if on_judged is not None:
+            on_judged(report)
+        if needs_report is None or needs_report(report):
+            spool.put(report)
+        else:
+            unlisted.add(report, options)
+            if on_dropped is not None:
+                on_dropped(conn)
+
+    analysis = Analysis(ports, retired=_Retiring(retire), on_event=events.append, hz=hz, revive=False,
+                        linger_after_abort=LINGER_AFTER_ABORT_S)
     model = analysis.model
     monitor = LiveMonitor(model, expectations, hz, expectations_for=expectations_for, hidden=hide)
     header = LiveHeader(title=title, interfaces=capture.interfaces, filter=capture.filter, started=started)
@@ -103,7 +155,6 @@ def run_live(
         mode = "json"
     else:
         mode = "table" if console.is_terminal else "lines"
-    verdicts: dict[int, str] = {}
 
     def say(line: str, alarm: bool = False) -> None:
         if mode == "lines":
@@ -198,11 +249,97 @@ def run_live(
             f"the kernel dropped {stats.drops} of {stats.kernel_packets} packets (receive buffer full): "
             "probes may be missing from this report")
     if mode == "lines":
+        seen = sum(1 for c in model.connections if not monitor.is_hidden(c)) + len(spool) + unlisted.total
         say(f"{local_clock(end)} stopped after {end - started:.1f} s: {stats.packets - stats.duplicates} packets, "
-            f"{stats.segments} TCP segments, {sum(1 for c in model.connections if not monitor.is_hidden(c))} connection(s)")
+            f"{stats.segments} TCP segments, {seen} connection(s)")
     reports = [report for report in analysis.reports(expectations, end, idle_cut, monitor.expectations_of)
                if hide is None or not hide(report.connection)]
-    return run, reports
+    for report in reports:
+        counts[report.verdict] += 1
+        if on_judged is not None:
+            on_judged(report)
+    return run, JudgedReports(spool, reports, unlisted, counts)
+
+
+LINGER_AFTER_ABORT_S = 600.0
+"""How long a connection aborted by keepalive stays in a live model: its peer coming back later (and learning of the
+abort) is part of its story. Other ended connections leave after the model's linger (5 s of quiet)."""
+
+
+class _Retiring:
+    """A `RetiredStore` that keeps nothing: each connection is handed to `retire` (judged, reported) and gone."""
+
+    def __init__(self, retire: Callable[[Connection], None]) -> None:
+        self.put = retire
+
+    def get(self, index: int) -> Connection:  # pragma: no cover - the model does not revive (revive=False)
+        raise KeyError(index)
+
+    def holds(self, index: int) -> bool:
+        return False
+
+
+class JudgedReports(Sequence[ConnectionReport]):
+    """The final reports of a live run, by connection index: the retired ones read back from their spool, then merged
+    with those judged at the end. Iterating holds one report at a time (and may be repeated); `counts` tallies every
+    reported connection, the ones only counted (`unlisted`, for the text report) included.
+    """
+
+    def __init__(self, spool: ReportSpool, live: list[ConnectionReport], unlisted: Unlisted,
+                 counts: dict[str, int]) -> None:
+        self.spool = spool
+        self.live = live
+        self.unlisted = unlisted
+        self.counts = counts
+        self._order = spool.order() if len(spool) else array("q")
+        self._plan: array | None = None
+
+    @property
+    def retired(self) -> int:
+        """Connections judged as they retired (whole reports on the spool, or only counted)."""
+        return len(self.spool) + self.unlisted.total
+
+    def __len__(self) -> int:
+        return len(self._order) + len(self.live)
+
+    def _merged(self) -> array:
+        """Per place in index order: a spool position (>= 0) or -1 - a place in `live`."""
+        if self._plan is None:
+            plan = array("q")
+            order, live, spool = self._order, self.live, self.spool
+            i = j = 0
+            while i < len(order) or j < len(live):
+                if j >= len(live) or (i < len(order) and spool.index_at(order[i]) < live[j].connection.index):
+                    plan.append(order[i])
+                    i += 1
+                else:
+                    plan.append(-1 - j)
+                    j += 1
+            self._plan = plan
+        return self._plan
+
+    def _at(self, place: int) -> ConnectionReport:
+        where = self._merged()[place]
+        return self.live[-1 - where] if where < 0 else self.spool.load(where)
+
+    def __getitem__(self, place):  # type: ignore[override]
+        if isinstance(place, slice):
+            return [self._at(i) for i in range(*place.indices(len(self)))]
+        if place < 0:
+            place += len(self)
+        if not 0 <= place < len(self):
+            raise IndexError(place)
+        return self._at(place)
+
+    def __iter__(self) -> Iterator[ConnectionReport]:
+        if not len(self._order):
+            yield from self.live
+            return
+        for place in range(len(self)):
+            yield self._at(place)
+
+    def close(self) -> None:
+        self.spool.close()
 
 
 def _say_verdicts(connections: Sequence[Connection], monitor: LiveMonitor, now: float, said: dict[int, str],
@@ -272,8 +409,8 @@ def set_priority(niceness: int) -> None:
               help="Capture the traffic of this Docker container (its bridge, filtered on its address).")
 @click.option("--network", metavar="NAME", help="Capture on this Docker network's bridge.")
 @expectation_options
-@click.option("--duration", type=FiniteFloatRange(min=0.1), metavar="S",
-              help="Stop after S seconds (default: until Ctrl-C or SIGTERM).")
+@click.option("--duration", type=FiniteFloatRange(min=0.0), metavar="S",
+              help="Stop after S seconds; 0 (the default): run until Ctrl-C or SIGTERM, then print the report.")
 @click.option("--write", "-w", "write_path", metavar="FILE.pcap", type=click.Path(dir_okay=False),
               help="Keep the capture in a pcap file: headers only unless --full-packets.")
 @click.option("--full-packets", is_flag=True, help="With --write, keep whole packets (query text, passwords!).")
@@ -299,6 +436,8 @@ def watch(expression_words, interfaces, container, network, expect, client_dsn, 
     output = make_output(output_format, only, summary, show_all, quiet, color, connection, html)
     expectations = make_expectations(expect, client_dsn, sysctls)
     expression = filter_expression(expression_words)
+    if duration is not None and duration <= 0:
+        duration = None  # until stopped, as tcpdump runs
     if full_packets and not write_path:
         raise UserError("--full-packets only makes sense with --write FILE.pcap")
     if os.geteuid() != 0:
@@ -324,6 +463,9 @@ def watch(expression_words, interfaces, container, network, expect, client_dsn, 
                           expression=expression, write_mode=write_mode)
     restore = install_stop_handlers(stop, capture.stop)
     console = text_console(color)
+    # A long run keeps whole only the reports its final report shows: the text report lists the connections with
+    # keepalive activity and counts the rest; the JSON, the HTML page and the diagram's choice need every one.
+    needs = text_needs(output.text) if output_format == "text" and output.html is None else None
     try:
         with capture:
             run, reports = run_live(
@@ -332,7 +474,8 @@ def watch(expression_words, interfaces, container, network, expect, client_dsn, 
                 on_tick=postgres.tick_lines if postgres is not None else None, idle_cut=idle_cut,
                 hide=postgres.is_own if postgres is not None else None,
                 backend_of=postgres.backend_of if postgres is not None else None,
-                quiet=quiet, err=error_console(color))
+                quiet=quiet, err=error_console(color), needs_report=needs, text_options=output.text,
+                on_dropped=postgres.forget if postgres is not None else None)
     except CaptureError as error:
         raise UserError(str(error)) from None
     finally:
@@ -345,19 +488,22 @@ def watch(expression_words, interfaces, container, network, expect, client_dsn, 
         postgres.close()
     try:
         if output_format == "json":
-            echo_json(to_json(run, reports, expectations, view))
+            write_json_streamed(sys.stdout, run, reports, expectations, view)
         elif output_format == "mermaid":
             write_mermaid(sys.stdout, reports, output.text, source=target.description, postgres=view)
         else:
             if not console.is_terminal and not quiet:
                 console.print()
-            render_text(console, run, reports, expectations, view, options=output.text)
+            render_text(console, run, reports, expectations, view, options=output.text, unlisted=reports.unlisted)
             if view is not None and view.own_session is not None:
                 console.print(f"kaobs's own --dsn session (#{view.own_session['connection']}, client "
                               f"{view.own_session['client']}) is left out", style="dim", markup=False, highlight=False)
             if write_path:
-                console.print(f"capture written to {write_path} ({'whole packets' if full_packets else 'headers only'})")
+                files = capture.written_files if hasattr(capture, "written_files") else [write_path]
+                what = write_path if len(files) <= 1 else f"{len(files)} files, the last {files[-1]}"
+                console.print(f"capture written to {what} ({'whole packets' if full_packets else 'headers only'})")
     except BrokenPipeError:
         stdout_closed()  # `kaobs watch | head`: the watch itself stands
     write_html_file(output, run, reports, expectations, f"kaobs watch: {target.description}", view)
-    sys.exit(exit_status(tally(reports), view))
+    reports.close()
+    sys.exit(exit_status(reports.counts, view))
