@@ -55,7 +55,7 @@ from kaobs.report import (
 )
 from kaobs.spool import ReportSpool
 from kaobs.status import exit_status
-from sniffer.capture import LiveCapture
+from sniffer.capture import LiveCapture, Rotation
 from sniffer.records import CaptureError
 
 ALARM_CHECK_S = 0.25
@@ -401,6 +401,21 @@ def set_priority(niceness: int) -> None:
         pass  # no autogroup scheduling: the process priority is all there is
 
 
+def _rotation(write_path: str | None, file_size: float | None, seconds: float | None,
+              file_count: int | None) -> Rotation | None:
+    """tcpdump's -C/-G/-W for --write, checked: each needs what it rotates."""
+    given = [name for name, value in (("--file-size", file_size), ("--rotate-seconds", seconds),
+                                      ("--file-count", file_count)) if value is not None]
+    if not given:
+        return None
+    if not write_path:
+        raise UserError(f"{given[0]} rotates the --write file: give --write FILE.pcap")
+    if file_count is not None and file_size is None and seconds is None:
+        raise UserError("--file-count needs --file-size or --rotate-seconds: it bounds the files they start")
+    size = None if file_size is None else max(1, round(file_size * 1_000_000))
+    return Rotation(size, seconds, file_count)
+
+
 @click.command(short_help="Watch live Postgres traffic, then print the report.")
 @click.argument("expression_words", nargs=-1, metavar="[EXPRESSION]")
 @click.option("--interface", "-i", "interfaces", multiple=True, metavar="IF",
@@ -414,6 +429,15 @@ def set_priority(niceness: int) -> None:
 @click.option("--write", "-w", "write_path", metavar="FILE.pcap", type=click.Path(dir_okay=False),
               help="Keep the capture in a pcap file: headers only unless --full-packets.")
 @click.option("--full-packets", is_flag=True, help="With --write, keep whole packets (query text, passwords!).")
+@click.option("--file-size", "-C", "file_size", type=FiniteFloatRange(min=0.0, min_open=True), metavar="MB",
+              help="With --write, as tcpdump -C: start a new file before one would pass MB million bytes; the next "
+                   "ones are FILE1, FILE2, ...")
+@click.option("--rotate-seconds", "-G", "rotate_seconds", type=FiniteFloatRange(min=0.0, min_open=True), metavar="S",
+              help="With --write, as tcpdump -G: a new file every S seconds, its name FILE through strftime "
+                   "(e.g. -w 'pg-%Y%m%d-%H%M%S.pcap'; local time).")
+@click.option("--file-count", "-W", "file_count", type=click.IntRange(min=1), metavar="N",
+              help="With --file-size or --rotate-seconds, as tcpdump -W: keep at most N files, deleting the oldest "
+                   "(with --file-size: FILE0 ... FILE<N-1>, written over in a ring).")
 @write_mode_option
 @click.option("--dsn", metavar="CONNINFO",
               help="Read the server's settings and sessions over TCP: name connections, check backends after aborts.")
@@ -422,7 +446,8 @@ def set_priority(niceness: int) -> None:
 @idle_cut_option
 @output_options
 def watch(expression_words, interfaces, container, network, expect, client_dsn, sysctls, ports, hz, output_format,
-          duration, write_path, full_packets, write_mode=0o600, dsn=None, niceness=0, idle_cut=None, only=(),
+          duration, write_path, full_packets, file_size=None, rotate_seconds=None, file_count=None,
+          write_mode=0o600, dsn=None, niceness=0, idle_cut=None, only=(),
           summary=False, show_all=False, quiet=False, color="auto", connection=None, html=None) -> None:
     """Watch live Postgres traffic: probes, answers, aborts and alarms as they happen, then the report.
 
@@ -440,6 +465,7 @@ def watch(expression_words, interfaces, container, network, expect, client_dsn, 
         duration = None  # until stopped, as tcpdump runs
     if full_packets and not write_path:
         raise UserError("--full-packets only makes sense with --write FILE.pcap")
+    rotation = _rotation(write_path, file_size, rotate_seconds, file_count)
     if os.geteuid() != 0:
         raise UserError("live capture needs root (CAP_NET_RAW): run kaobs watch as root, or analyze a capture file")
     try:
@@ -460,7 +486,7 @@ def watch(expression_words, interfaces, container, network, expect, client_dsn, 
         set_priority(niceness)
     stop = threading.Event()
     capture = LiveCapture(target.interfaces, ports, write=write_path, full_packets=full_packets, hosts=target.hosts,
-                          expression=expression, write_mode=write_mode)
+                          expression=expression, write_mode=write_mode, rotation=rotation)
     restore = install_stop_handlers(stop, capture.stop)
     console = text_console(color)
     # A long run keeps whole only the reports its final report shows: the text report lists the connections with
