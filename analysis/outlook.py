@@ -317,8 +317,7 @@ class LiveMonitor:
                    if self._events_seen.get((conn.index, role), 0) != _events(conn.side(role))]
         if not changed:
             return []
-        report = self.verdict(conn, now)
-        found: list[Alarm] = []
+        arrivals: dict[str, set[float]] = {}
         for role in changed:
             endpoint = conn.side(role)
             seen = self._events_seen.get((conn.index, role), 0)
@@ -326,6 +325,13 @@ class LiveMonitor:
             arrived = {p.t for p in endpoint.probes[seen:]}
             if endpoint.reset is not None:
                 arrived.add(endpoint.reset.t)
+            if arrived:
+                arrivals[role] = arrived
+        if not arrivals:  # only a FIN: nothing it could contradict (and no report kept for each closing connection)
+            return []
+        report = self.verdict(conn, now)
+        found: list[Alarm] = []
+        for role, arrived in arrivals.items():
             for finding in report.side(role).findings:
                 if finding.status != "mismatch":
                     continue

@@ -147,7 +147,7 @@ def run_live(
                 on_dropped(conn)
 
     analysis = Analysis(ports, retired=_Retiring(retire), on_event=events.append, hz=hz, revive=False,
-                        linger_after_abort=LINGER_AFTER_ABORT_S)
+                        linger=LINGER_S, linger_after_abort=LINGER_AFTER_ABORT_S)
     model = analysis.model
     monitor = LiveMonitor(model, expectations, hz, expectations_for=expectations_for, hidden=hide)
     header = LiveHeader(title=title, interfaces=capture.interfaces, filter=capture.filter, started=started)
@@ -261,6 +261,9 @@ def run_live(
     return run, JudgedReports(spool, reports, unlisted, counts)
 
 
+LINGER_S = 2.0
+"""How long an ended connection stays in a live model after its last packet (a FIN's retransmission, the last ACK)
+before it is judged and leaves: memory holds the open connections and those that ended this recently."""
 LINGER_AFTER_ABORT_S = 600.0
 """How long a connection aborted by keepalive stays in a live model: its peer coming back later (and learning of the
 abort) is part of its story. Other ended connections leave after the model's linger (5 s of quiet)."""
