@@ -271,6 +271,9 @@ def main(argv=None) -> int:
     parser.add_argument("--kaobs-root", default=ROOT, help="the kaobs checkout to run (a worktree, for before/after)")
     parser.add_argument("--no-tcpdump", dest="tcpdump", action="store_false", help="no tcpdump yardstick")
     args = parser.parse_args(argv)
+    if not os.path.isdir(os.path.join(args.kaobs_root, "kaobs")):
+        print(f"bench_watch_memory: --kaobs-root {args.kaobs_root}: no kaobs checkout there", file=sys.stderr)
+        return 2
     if min(args.connections, args.every, args.warmup) < 1 or args.max_seconds <= 0:
         print("bench_watch_memory: --connections, --every, --warmup and --max-seconds must be positive",
               file=sys.stderr)
