@@ -528,8 +528,8 @@ def watch(expression_words, interfaces, container, network, expect, client_dsn, 
                 console.print(f"kaobs's own --dsn session (#{view.own_session['connection']}, client "
                               f"{view.own_session['client']}) is left out", style="dim", markup=False, highlight=False)
             if write_path:
-                files = capture.written_files if hasattr(capture, "written_files") else [write_path]
-                what = write_path if len(files) <= 1 else f"{len(files)} files, the last {files[-1]}"
+                files = capture.written_files
+                what = files[-1] if len(files) == 1 else f"{len(files)} files, the last {files[-1]}"
                 console.print(f"capture written to {what} ({'whole packets' if full_packets else 'headers only'})")
     except BrokenPipeError:
         stdout_closed()  # `kaobs watch | head`: the watch itself stands
