@@ -217,6 +217,7 @@ def run_live(
                 last_view = now
                 stats = capture.stats()
                 header.packets, header.segments, header.drops = stats.packets - stats.duplicates, stats.segments, stats.drops
+                header.ended = len(spool) + unlisted.total
                 live.update(live_view(header, model, monitor, now, console.height, backend_of), refresh=True)
     except KeyboardInterrupt:
         pass

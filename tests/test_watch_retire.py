@@ -180,3 +180,16 @@ def test_a_negative_duration_is_refused(capsys):
     with pytest.raises(SystemExit) as stopped:
         run(["watch", "-i", "lo", "--duration", "-1"])
     assert stopped.value.code == 2 and "--duration" in capsys.readouterr().err
+
+
+def test_the_terminal_view_counts_the_connections_that_left_it(monkeypatch):
+    conversations = churn(60)
+    segments = sorted((s for c in conversations for s in c.segments), key=lambda s: s.t)
+    clock = FakeClock(segments[0].t - 0.5)
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=160, height=40, color_system=None)
+    _, reports = watch.run_live(ReplayCapture(segments, clock), expectations=EXPECT, ports=(5432,), hz=250,
+                                output_format="text", duration=40.0, stop=threading.Event(), console=console,
+                                clock=clock)
+    ended = [int(line.split("(+")[1].split()[0]) for line in out.getvalue().splitlines() if " ended, in the report)" in line]
+    assert ended and max(ended) > 30 and max(ended) <= reports.retired
