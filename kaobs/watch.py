@@ -26,7 +26,7 @@ from rich.live import Live
 from analysis.expect import Expectations
 from analysis.model import Connection, ModelEvent
 from analysis.outlook import ExpectationsFor, LiveMonitor
-from analysis.pipeline import Analysis, AnalysisRun, judge_in_order, tally
+from analysis.pipeline import Analysis, AnalysisRun, judge_in_order
 from analysis.verdict import VERDICTS, ConnectionReport
 from analysis.words import local_clock
 from kaobs.liveview import BackendOf, LiveHeader, alarm_line, event_line, live_view, verdict_line
