@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from array import array
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import click
 from rich.console import Console
@@ -513,18 +513,20 @@ def watch(expression_words, interfaces, container, network, expect, client_dsn, 
     if expression is not None:
         run.filter = {"expression": expression, "since": None, "until": None, "filtered_out": None}
     view = None
+    shown: Callable[[], Iterable[ConnectionReport]] = lambda: reports  # noqa: E731 - each pass reads them again
     if postgres is not None:
-        view = postgres.finish(reports)
+        view = postgres.prepare(reports)  # then each pass names the connections as they go by
+        shown = lambda: postgres.annotate(reports)  # noqa: E731
         postgres.close()
     try:
         if output_format == "json":
-            write_json_streamed(sys.stdout, run, reports, expectations, view)
+            write_json_streamed(sys.stdout, run, shown(), expectations, view)
         elif output_format == "mermaid":
-            write_mermaid(sys.stdout, reports, output.text, source=target.description, postgres=view)
+            write_mermaid(sys.stdout, shown(), output.text, source=target.description, postgres=view)
         else:
             if not console.is_terminal and not quiet:
                 console.print()
-            render_text(console, run, reports, expectations, view, options=output.text, unlisted=reports.unlisted)
+            render_text(console, run, shown(), expectations, view, options=output.text, unlisted=reports.unlisted)
             if view is not None and view.own_session is not None:
                 console.print(f"kaobs's own --dsn session (#{view.own_session['connection']}, client "
                               f"{view.own_session['client']}) is left out", style="dim", markup=False, highlight=False)
@@ -534,6 +536,6 @@ def watch(expression_words, interfaces, container, network, expect, client_dsn, 
                 console.print(f"capture written to {what} ({'whole packets' if full_packets else 'headers only'})")
     except BrokenPipeError:
         stdout_closed()  # `kaobs watch | head`: the watch itself stands
-    write_html_file(output, run, reports, expectations, f"kaobs watch: {target.description}", view)
+    write_html_file(output, run, shown(), expectations, f"kaobs watch: {target.description}", view)
     reports.close()
     sys.exit(exit_status(reports.counts, view))
