@@ -385,6 +385,13 @@ class KeepaliveModel:
     the live connections only, in index order; `opened` counts them all;
     `on_retire` sees each connection as it leaves (what must be known of all
     of them before judging: `analysis.path.PathSummary`).
+
+    With `revive` False (`kaobs watch`, which judges a connection as it
+    retires and may run for weeks) retiring is for good: no tombstone is
+    kept, and a later segment on the 4-tuple starts a new connection. A
+    connection aborted by keepalive then lingers `linger_after_abort` seconds
+    instead, so that its peer coming back later (`Connection.after_end`) is
+    still seen on it.
     """
 
     def __init__(
@@ -394,6 +401,8 @@ class KeepaliveModel:
         retired: RetiredStore | None = None,
         linger: float = 5.0,
         on_retire: Callable[[Connection], None] | None = None,
+        revive: bool = True,
+        linger_after_abort: float | None = None,
     ) -> None:
         self.server_ports = frozenset(server_ports)
         self.on_retire = on_retire
@@ -402,6 +411,8 @@ class KeepaliveModel:
         self.opened = 0
         self.retired = retired
         self.linger = linger
+        self.revive = revive
+        self.linger_after_abort = linger if linger_after_abort is None else max(linger, linger_after_abort)
         self._tombstones = Tombstones()  # hash of the (server, client) 4-tuple -> connection index
         self._next_sweep = 0.0
         self._retired_last_t: float | None = None
@@ -746,18 +757,24 @@ class KeepaliveModel:
             s, c = conn.server, conn.client
             route = routes.get((s.address, s.port, c.address, c.port))
             owns = route is not None and route[0] is conn
-            if (t - conn.end <= self.linger or (owns and conn.end_reason == "open")
-                    or s.pending_first is not None or c.pending_first is not None
-                    or s.stall is not None or c.stall is not None  # the peer answering elsewhere later
-                    or ((s.series_unanswered or c.series_unanswered) and not conn.over)):  # is path evidence
+            linger = self.linger_after_abort if conn.end_reason == "keepalive_abort" else self.linger
+            if t - conn.end <= linger or (owns and conn.end_reason == "open"):
                 keep.append(conn)
                 continue
+            if (s.pending_first is not None or c.pending_first is not None
+                    or s.stall is not None or c.stall is not None  # the peer answering elsewhere later
+                    or ((s.series_unanswered or c.series_unanswered) and not conn.over)):  # is path evidence
+                if self.revive or t - conn.end <= self.linger_after_abort:
+                    keep.append(conn)
+                    continue
+                self._settle(conn)  # for good: what the end of the run would have concluded, concluded now
             retired_any = True
             self._unindex_hosts(conn)
             if owns:
                 del routes[(s.address, s.port, c.address, c.port)]
                 del routes[(c.address, c.port, s.address, s.port)]
-                self._tombstones.add(hash((s.address, s.port, c.address, c.port)), conn.index)
+                if self.revive:
+                    self._tombstones.add(hash((s.address, s.port, c.address, c.port)), conn.index)
             if self._retired_last_t is None or conn.end > self._retired_last_t:
                 self._retired_last_t = conn.end
             if self.on_retire is not None:
@@ -1025,19 +1042,30 @@ class KeepaliveModel:
         """Close the books: replay first segments still waiting for a hint."""
         end = end_t if end_t is not None else self.last_t
         for conn in self.connections:
-            for endpoint in (conn.server, conn.client):
-                if endpoint.pending_first is not None:
-                    # No hint came. One pure ACK is taken as ordinary; the same one repeated, unprompted, was probing.
-                    seq = endpoint.pending_first.seq
-                    hint = seq + 1 if endpoint.pending_repeats else seq
-                    self._resolve_pending(conn, endpoint, conn.peer(endpoint), hint & 0xFFFFFFFF)
+            self._resolve_all_pending(conn)
         for conn in self.connections:
-            for endpoint in (conn.server, conn.client):
-                peer_address = conn.peer(endpoint).address
-                if endpoint.stall is not None:
-                    endpoint.stall.peer_heard = self._heard_elsewhere(conn, peer_address, endpoint.stall.first_sent)
-                if endpoint.series_unanswered and not conn.over:
-                    first = endpoint.probes[-endpoint.series_unanswered].t
-                    endpoint.unanswered_heard = self._heard_elsewhere(conn, peer_address, first)
+            self._note_heard(conn)
         self.capture_end = end
         return self.connections
+
+    def _settle(self, conn: Connection) -> None:
+        """`finish` for one connection, retired for good before the end (see `revive`)."""
+        self._resolve_all_pending(conn)
+        self._note_heard(conn)
+
+    def _resolve_all_pending(self, conn: Connection) -> None:
+        for endpoint in (conn.server, conn.client):
+            if endpoint.pending_first is not None:
+                # No hint came. One pure ACK is taken as ordinary; the same one repeated, unprompted, was probing.
+                seq = endpoint.pending_first.seq
+                hint = seq + 1 if endpoint.pending_repeats else seq
+                self._resolve_pending(conn, endpoint, conn.peer(endpoint), hint & 0xFFFFFFFF)
+
+    def _note_heard(self, conn: Connection) -> None:
+        for endpoint in (conn.server, conn.client):
+            peer_address = conn.peer(endpoint).address
+            if endpoint.stall is not None:
+                endpoint.stall.peer_heard = self._heard_elsewhere(conn, peer_address, endpoint.stall.first_sent)
+            if endpoint.series_unanswered and not conn.over:
+                first = endpoint.probes[-endpoint.series_unanswered].t
+                endpoint.unanswered_heard = self._heard_elsewhere(conn, peer_address, first)

@@ -99,7 +99,7 @@ class LiveMonitor:
         self.expectations_for = expectations_for
         self.hidden = hidden
         self._timers: dict[int, tuple[Expectations | None, dict[str, TimerSettings]]] = {}
-        self._raised: set[tuple] = set()
+        self._raised: dict[int, set[tuple]] = {}  # connection index -> keys of the alarms raised for it
         self._verdicts: dict[int, tuple[tuple, ConnectionReport, float]] = {}
         self._events_seen: dict[tuple[int, str], int] = {}
         self._overdue: dict[tuple[int, str], float] = {}
@@ -131,6 +131,16 @@ class LiveMonitor:
 
     def is_hidden(self, conn: Connection) -> bool:
         return self.hidden is not None and self.hidden(conn)
+
+    def forget(self, conn: Connection) -> None:
+        """Drop what is kept about a connection that left the model for good (retired), so a run of weeks stays small."""
+        index = conn.index
+        self._raised.pop(index, None)
+        self._verdicts.pop(index, None)
+        self.alarmed.discard(index)
+        for role in (SERVER, CLIENT):
+            self._events_seen.pop((index, role), None)
+            self._overdue.pop((index, role), None)
 
     # -- the verdict so far -----------------------------------------------------------
 
@@ -229,8 +239,9 @@ class LiveMonitor:
                 found += self._check(conn, role, now)
             found += self._contradictions(conn, now)
             for alarm in found:
-                if alarm.key not in self._raised:
-                    self._raised.add(alarm.key)
+                raised = self._raised.setdefault(conn.index, set())
+                if alarm.key not in raised:
+                    raised.add(alarm.key)
                     self.alarmed.add(conn.index)
                     if alarm.kind == "probe_overdue":
                         self._overdue[(conn.index, alarm.side)] = alarm.t
@@ -306,8 +317,7 @@ class LiveMonitor:
                    if self._events_seen.get((conn.index, role), 0) != _events(conn.side(role))]
         if not changed:
             return []
-        report = self.verdict(conn, now)
-        found: list[Alarm] = []
+        arrivals: dict[str, set[float]] = {}
         for role in changed:
             endpoint = conn.side(role)
             seen = self._events_seen.get((conn.index, role), 0)
@@ -315,6 +325,13 @@ class LiveMonitor:
             arrived = {p.t for p in endpoint.probes[seen:]}
             if endpoint.reset is not None:
                 arrived.add(endpoint.reset.t)
+            if arrived:
+                arrivals[role] = arrived
+        if not arrivals:  # only a FIN: nothing it could contradict (and no report kept for each closing connection)
+            return []
+        report = self.verdict(conn, now)
+        found: list[Alarm] = []
+        for role, arrived in arrivals.items():
             for finding in report.side(role).findings:
                 if finding.status != "mismatch":
                     continue

@@ -197,36 +197,46 @@ def match_connections(
     tolerance: float = CLOCK_TOLERANCE_S,
 ) -> dict[int, ConnectionPostgres]:
     """Name each captured connection after its pg_stat_activity row (client address and port), or say why not."""
-    own = server.own_pid if server is not None else None
-    visible = [b for b in backends if b.pid != own and not b.hidden]
-    own_keys = {(normalize_address(b.client_addr), b.client_port) for b in backends if b.pid == own}
-    hidden = sum(1 for b in backends if b.hidden)
-    by_key: dict[tuple[str | None, int | None], Backend] = {}
-    addresses: dict[str, int] = {}
-    for b in visible:
-        address = normalize_address(b.client_addr)
-        if address is None or b.client_port is None or b.client_port < 0:
-            continue
-        by_key[(address, b.client_port)] = b
-        addresses[address] = addresses.get(address, 0) + 1
-    result: dict[int, ConnectionPostgres] = {}
-    for conn in connections:
+    matcher = BackendMatcher(backends, server, tolerance)
+    return {conn.index: matcher.match(conn) for conn in connections}
+
+
+class BackendMatcher:
+    """`match_connections` one connection at a time (the backends indexed once), for reports streamed by."""
+
+    def __init__(self, backends: Sequence[Backend], server: ServerInfo | None,
+                 tolerance: float = CLOCK_TOLERANCE_S) -> None:
+        self.server = server
+        self.tolerance = tolerance
+        self.own = server.own_pid if server is not None else None
+        visible = [b for b in backends if b.pid != self.own and not b.hidden]
+        self.own_keys = {(normalize_address(b.client_addr), b.client_port) for b in backends if b.pid == self.own}
+        self.hidden = sum(1 for b in backends if b.hidden)
+        self.by_key: dict[tuple[str | None, int | None], Backend] = {}
+        self.addresses: dict[str, int] = {}
+        for b in visible:
+            address = normalize_address(b.client_addr)
+            if address is None or b.client_port is None or b.client_port < 0:
+                continue
+            self.by_key[(address, b.client_port)] = b
+            self.addresses[address] = self.addresses.get(address, 0) + 1
+
+    def match(self, conn: Connection) -> ConnectionPostgres:
         info = ConnectionPostgres()
-        result[conn.index] = info
         client_address = normalize_address(conn.client.address)
-        if (client_address, conn.client.port) in own_keys:
-            info.reason = f"kaobs's own monitoring session (--dsn, backend pid {own})"
-            continue
-        candidate = by_key.get((client_address, conn.client.port))
+        if (client_address, conn.client.port) in self.own_keys:
+            info.reason = f"kaobs's own monitoring session (--dsn, backend pid {self.own})"
+            return info
+        candidate = self.by_key.get((client_address, conn.client.port))
         if candidate is not None:
-            why = _fits(conn, candidate, tolerance)
+            why = _fits(conn, candidate, self.tolerance)
             if why is None:
                 info.backend = candidate
-                continue
-            info.reason = why
-            continue
-        info.reason = _unmatched_reason(conn, client_address, addresses, server, hidden)
-    return result
+            else:
+                info.reason = why
+            return info
+        info.reason = _unmatched_reason(conn, client_address, self.addresses, self.server, self.hidden)
+        return info
 
 
 def _unmatched_reason(conn: Connection, client_address: str | None, addresses: Mapping[str, int],
@@ -277,26 +287,46 @@ def session_notes(
     capture (pg_settings is read now).  Only settings read from the server
     are considered (not --expect).
     """
-    keys = [s.key for s in SETTINGS]
-    status: dict[str, dict[int, str]] = {key: {} for key in keys}
+    notes = SessionNotes(server)
     for report in reports:
+        notes.add(report)
+    out: dict[int, list[str]] = {}
+    for report in reports:
+        found = notes.notes_for(report, matched.get(report.connection.index) if matched else None)
+        if found:
+            out[report.connection.index] = found
+    return out
+
+
+class SessionNotes:
+    """`session_notes` in two passes over reports that need not be held: `add` each, then `notes_for` each.
+
+    Between the passes only each connection's status per server-wide setting is kept (for those judged on one).
+    """
+
+    def __init__(self, server: SideExpectation) -> None:
+        self.server = server
+        self.keys = [s.key for s in SETTINGS]
+        self.status: dict[str, dict[int, str]] = {key: {} for key in self.keys}
+
+    def add(self, report: ConnectionReport) -> None:
         for finding in report.server.findings:
-            for key in keys:
+            for key in self.keys:
                 if finding.setting == setting_name(key, SERVER):
-                    status[key][report.connection.index] = finding.status
-    notes: dict[int, list[str]] = {}
-    for report in reports:
+                    self.status[key][report.connection.index] = finding.status
+
+    def notes_for(self, report: ConnectionReport, info: ConnectionPostgres | None = None) -> list[str]:
         index = report.connection.index
         differing: list[str] = []
         agreeing: set[int] = set()
         gucs: list[str] = []
-        for key in keys:
-            setting: Setting = getattr(server, key)
-            if not _from_server(setting) or status[key].get(index) != "mismatch":
+        for key in self.keys:
+            setting: Setting = getattr(self.server, key)
+            if not _from_server(setting) or self.status[key].get(index) != "mismatch":
                 continue
             guc = setting_name(key, SERVER)
             gucs.append(guc)
-            agreeing.update(i for i, s in status[key].items() if s == "match")
+            agreeing.update(i for i, s in self.status[key].items() if s == "match")
             observed = getattr(report.server.observed, key)
             if key == "count":
                 expected, seen = f"{setting.value}", "" if observed is None else f"{observed}"
@@ -307,7 +337,7 @@ def session_notes(
                 expected, seen = f"{float(setting.value or 0):g} s", "" if observed is None else f"{observed:.3f} s"
             differing.append(f"{guc} server-wide {expected}" + (f", packets {seen}" if seen else ""))
         if not differing:
-            continue
+            return []
         if agreeing:
             others = ", ".join(f"#{i}" for i in sorted(agreeing)[:5]) + (" ..." if len(agreeing) > 5 else "")
             why = f"{others} {'agrees' if len(agreeing) == 1 else 'agree'}: this session may have its own setting (SET / options=-c)"
@@ -316,13 +346,11 @@ def session_notes(
                    "now), or this session has its own (SET / options=-c)")
         text = (f"per-session setting? {'; '.join(differing)}; {why}; server-wide value assumed; "
                 f"{CHECK_HINT.format(guc=gucs[0])}")
-        info = matched.get(index) if matched else None
         if info is not None and info.backend is not None:
             mentioned = [g for g in gucs if g in info.backend.query_mentions]
             if mentioned:
                 text += f" (backend pid {info.backend.pid}'s last query mentions {', '.join(mentioned)})"
-        notes[index] = [text]
-    return notes
+        return [text]
 
 
 def staleness_warning(capture_end: float | None, read_at: float | None, limit: float = 300.0) -> str | None:
@@ -421,6 +449,11 @@ class BackendTracker:
 
     def pid(self, index: int) -> int | None:
         return self._pids.get(index)
+
+    def forget(self, index: int) -> None:
+        """A connection nobody will ask about again (it left a long live run)."""
+        self._pids.pop(index, None)
+        self._backends.pop(index, None)
 
     def backend(self, index: int) -> Backend | None:
         return self._backends.get(index)

@@ -58,10 +58,12 @@ class Analysis:
     """
 
     def __init__(self, ports: Iterable[int] = (5432,), *, retired: RetiredStore | None = None,
-                 on_event: Callable[[ModelEvent], None] | None = None, hz: int = DEFAULT_HZ) -> None:
+                 on_event: Callable[[ModelEvent], None] | None = None, hz: int = DEFAULT_HZ,
+                 revive: bool = True, linger: float = 5.0, linger_after_abort: float | None = None) -> None:
         self.path = PathSummary()
         """The path across connections (the idle cut), gathered before any is judged: the verdicts need it."""
-        self.model = KeepaliveModel(ports, on_event=on_event, retired=retired, on_retire=self._note_path)
+        self.model = KeepaliveModel(ports, on_event=on_event, retired=retired, on_retire=self._note_path,
+                                    revive=revive, linger=linger, linger_after_abort=linger_after_abort)
         self.retired = retired
         self.hz = hz
         self._live_noted = False

@@ -143,10 +143,14 @@ def simulate(
     capture_end: float,
     hz: int = DEFAULT_HZ,
     t0: float = 0.0,
+    ended_at: float | None = None,
 ) -> list[Check]:
     """Replay the kernel's keepalive timer with `settings` on the observed events.
 
     Times in the details are relative to `t0`, the connection's first packet.
+    `ended_at` is when the connection ended (its last packet), if it did: an
+    idle side of an ended connection was idle until then, not until the end
+    of the capture (so the judgement does not depend on when it is made).
     """
     checks: list[Check] = []
 
@@ -160,7 +164,7 @@ def simulate(
         for p in view:
             checks.append(Check("enabled", False, p.t, f"keepalive probe at {rel(p.t)} although keepalives are off"))
         if not view:
-            quiet = _longest_quiet(endpoint, capture_end)
+            quiet = _longest_quiet(endpoint, capture_end if ended_at is None else min(capture_end, ended_at))
             if quiet is not None:
                 checks.append(Check("enabled", True, None, f"no keepalive probe in {quiet:.1f} s of idle"))
         return checks
@@ -333,7 +337,8 @@ def judge_side(
     observed, abort = observe(view, endpoint, settings)
     hidden = cut is not None and cut.far in (role, BOTH) and cut.t < capture_end
     end = cut.t if hidden else capture_end
-    checks = simulate(view, endpoint, peer, settings, end, hz, conn.start) if expectation is not None else []
+    ended_at = conn.end if conn.end_reason != "open" else None
+    checks = simulate(view, endpoint, peer, settings, end, hz, conn.start, ended_at) if expectation is not None else []
     stalls = stalls if stalls is not None else judge_stalls(endpoint, settings if expectation is not None else None,
                                                             capture_end, hz, conn.start)
     if expectation is not None:

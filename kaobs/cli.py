@@ -32,14 +32,7 @@ from kaobs.options import (
 )
 from kaobs.mermaid import write_mermaid
 from kaobs.progress import AnalyzeProgress
-from kaobs.report import (
-    echo_json,
-    error_console,
-    render_text,
-    text_console,
-    to_json,
-    write_json_streamed,
-)
+from kaobs.report import error_console, render_text, text_console, write_json_streamed
 from kaobs.spool import ConnectionSpool
 from kaobs.status import ExitStatus, exit_status
 from kaobs.watch import watch
@@ -107,8 +100,8 @@ def analyze(arguments: tuple[str, ...], read_paths: tuple[str, ...], since, unti
     run = AnalysisRun(sources=list(captures), hz=int(hz))
     run.warnings = warnings
     # Ended connections go to a spool on disk as the capture is read: memory stays bounded by the
-    # connections alive at a time. With --dsn every report is held: the matching needs them together.
-    spool = ConnectionSpool() if dsn is None else None
+    # connections alive at a time, with --dsn too (see below).
+    spool = ConnectionSpool()
     analysis = Analysis(ports, retired=spool, hz=int(hz))
     progress = AnalyzeProgress(captures, err, enabled=not quiet and err.is_terminal)
     try:
@@ -126,39 +119,33 @@ def analyze(arguments: tuple[str, ...], read_paths: tuple[str, ...], since, unti
                                      say_error=lambda line: click.echo(f"kaobs: error: {line}", err=True))
             expectations = postgres.expectations
         counts = dict.fromkeys(VERDICTS, 0)
-        reports = _tallied(analysis.reports(expectations, idle_cut=idle_cut), counts)
+        view = None
+        if postgres is not None:
+            # Two passes, each judging the connections again from the spool: the first gathers what naming a
+            # connection needs of all the others (per-session notes, the checks after aborts), the second names
+            # each one as the report is written. No report is held.
+            view = postgres.prepare(analysis.reports(expectations, idle_cut=idle_cut))
+            reports = _tallied(postgres.annotate(analysis.reports(expectations, idle_cut=idle_cut)), counts)
+        else:
+            reports = _tallied(analysis.reports(expectations, idle_cut=idle_cut), counts)
         page = None
         if output.html is not None:
             from kaobs.htmlreport import HtmlReport
 
             page = HtmlReport(output.html, title=f"kaobs: {', '.join(captures)}", path_summary=analysis.path)
-        view = None
+            page.postgres = view
         try:
-            if postgres is None:
-                if page is not None:
-                    reports = page.tee(reports)  # the page counts every report as it streams by
-                # A report going to a file while stderr is a terminal: count its connections there too.
-                with (progress if not sys.stdout.isatty() else contextlib.nullcontext()):
-                    reports = progress.counting(reports, model.opened) if not sys.stdout.isatty() else reports
-                    if output_format == "json":
-                        write_json_streamed(sys.stdout, run, reports, expectations)
-                    elif output_format == "mermaid":
-                        write_mermaid(sys.stdout, reports, output.text, source=", ".join(captures))
-                    else:
-                        render_text(text_console(color), run, reports, expectations, options=output.text)
-            else:
-                held = list(reports)
-                view = postgres.finish(held)
-                if page is not None:
-                    page.postgres = view
-                    for report in held:
-                        page.add(report)
+            if page is not None:
+                reports = page.tee(reports)  # the page counts every report as it streams by
+            # A report going to a file while stderr is a terminal: count its connections there too.
+            with (progress if not sys.stdout.isatty() else contextlib.nullcontext()):
+                reports = progress.counting(reports, model.opened) if not sys.stdout.isatty() else reports
                 if output_format == "json":
-                    echo_json(to_json(run, held, expectations, view))
+                    write_json_streamed(sys.stdout, run, reports, expectations, view)
                 elif output_format == "mermaid":
-                    write_mermaid(sys.stdout, held, output.text, source=", ".join(captures), postgres=view)
+                    write_mermaid(sys.stdout, reports, output.text, source=", ".join(captures), postgres=view)
                 else:
-                    render_text(text_console(color), run, held, expectations, view, options=output.text)
+                    render_text(text_console(color), run, reports, expectations, view, options=output.text)
         except BrokenPipeError:
             stdout_closed()  # `kaobs analyze ... | head`: the analysis itself stands
             for _ in reports:
@@ -167,7 +154,7 @@ def analyze(arguments: tuple[str, ...], read_paths: tuple[str, ...], since, unti
             html_written(err, output, page.finish(run, expectations))
         sys.exit(exit_status(counts, view))
     finally:
-        if spool is not None:
+        if spool is not None:  # (tests run it without a spool, keeping every connection)
             spool.close()
 
 

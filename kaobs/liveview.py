@@ -124,6 +124,8 @@ class LiveHeader:
     segments: int = 0
     drops: int = 0
     recent: list[str] = field(default_factory=list)
+    ended: int = 0
+    """Connections that ended, were judged and left the view (a long run keeps only the recent ones)."""
 
 
 def live_table(
@@ -241,7 +243,8 @@ def live_view(
     if header.title:
         status.append(header.title + "  ", style="bold")
     status.append(f"{_ago(now - header.started, suffix='')} on {', '.join(header.interfaces)}: {len(visible)} "
-                  f"connection(s), {header.packets} packets")
+                  f"connection(s)" + (f" (+{header.ended} ended, in the report)" if header.ended else "")
+                  + f", {header.packets} packets")
     if header.drops:
         status.append(f", {header.drops} dropped by the kernel", style="bold red")
     status.append(f"  [{header.filter}]", style="dim")

@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from analysis.conninfo import (
     SECRET_KEYWORDS,
@@ -39,13 +39,15 @@ from analysis.model import Connection
 from analysis.pgsessions import (
     AbortCheck,
     Backend,
+    BackendMatcher,
     BackendTracker,
+    ConnectionPostgres,
     PostgresView,
     ServerInfo,
+    SessionNotes,
     abort_checks,
-    match_connections,
     normalize_address,
-    session_notes,
+    server_aborted,
     staleness_warning,
 )
 from analysis.pgsettings import (
@@ -428,6 +430,9 @@ class Postgres:
         self._pending: dict[int, tuple[float, float]] = {}  # index -> (abort t, first check at)
         self._last_poll = float("-inf")
         self._failed = False
+        self._notes: SessionNotes | None = None  # set by `prepare` when there are backends to name connections after
+        self._matcher: BackendMatcher | None = None
+        self._after_abort: dict[int, AbortCheck] = {}
         self.interrupted = False
         """Reading the server was interrupted (Ctrl-C while connecting): watch stops there."""
 
@@ -501,6 +506,12 @@ class Postgres:
                                  "pid": server.own_pid if server is not None else None}
         return True
 
+    def forget(self, conn: Connection) -> None:
+        """A connection the final report will not show left the live model: drop what is kept of it (long runs)."""
+        self._not_own.discard(conn.index)
+        self.tracker.forget(conn.index)
+        self._pending.pop(conn.index, None)
+
     def backend_of(self, index: int) -> Backend | None:
         """The backend a live connection was matched to, when known."""
         return self.tracker.backend(index)
@@ -562,44 +573,91 @@ class Postgres:
 
     def finish(self, reports: Sequence[ConnectionReport]) -> PostgresView:
         """The view for the final report: names (now, or as last seen alive), notes, the backends after aborts."""
+        view = self.prepare(reports)
+        for _ in self.annotate(reports, keep_all=True):
+            pass
+        return view
+
+    def prepare(self, reports: Iterable[ConnectionReport]) -> PostgresView:
+        """The first of two passes over the final reports (which need not be held: see `annotate`).
+
+        Waits (live) for the backends of connections aborted by keepalive,
+        and gathers what naming a connection needs of the others: the
+        per-session setting statuses, the latest packet (is the reading
+        stale?), the checks after aborts (whose findings head the report).
+        """
+        self._notes = None
         if self.failed:
             return self.view
+        notes = SessionNotes(self.expectations.server)
+        latest: float | None = None
+        aborted: list[ConnectionReport] = []
+        for report in reports:
+            notes.add(report)
+            end = report.connection.end
+            latest = end if latest is None or end > latest else latest
+            if server_aborted(report) is not None:
+                aborted.append(report)
         if self.session is not None:
             deadline = self.clock() + self.confirm_timeout
-            connections = [r.connection for r in reports]
-            while not self._failed and any(
-                    r.connection.server.reset is not None and r.connection.server.reset.after_keepalive
-                    and r.connection.index not in self.checks for r in reports) and self.clock() < deadline:
+            connections = [r.connection for r in aborted]
+            while not self._failed and any(r.connection.index not in self.checks for r in aborted) \
+                    and self.clock() < deadline:
                 self._last_poll = float("-inf")
                 self.tick(connections)
                 time.sleep(0.2)
-        view = self._annotate(reports)
-        for index, info in view.connections.items():
-            tracked = self.tracker.backend(index)
-            if info.backend is None and tracked is not None:
-                info.backend, info.reason = tracked, None  # as last seen alive
-            check = self.checks.get(index)
-            if check is not None:
-                info.after_abort = check
-        return view
-
-    def _annotate(self, reports: Sequence[ConnectionReport]) -> PostgresView:
-        """Name the connections, add per-session notes and the dead-backend checks to the view."""
         view = self.view
         if self.backends is None:
             return view
-        connections = [r.connection for r in reports]
-        stale = staleness_warning(max((c.end for c in connections), default=None),
-                                  view.server.read_at if view.server is not None else None)
+        view.connections = {}
+        self._notes = notes
+        self._matcher = BackendMatcher(self.backends, view.server)
+        stale = staleness_warning(latest, view.server.read_at if view.server is not None else None)
         if stale is not None:
             view.warnings.append(stale)
-        view.connections = match_connections(connections, self.backends, view.server)
-        for index, notes in session_notes(reports, self.expectations.server, view.connections).items():
-            view.connections[index].notes.extend(notes)
         checked = view.server.read_at if view.server is not None else None
-        for index, check in abort_checks(reports, self.backends, checked).items():
-            view.connections[index].after_abort = check
+        self._after_abort = abort_checks(aborted, self.backends, checked)
+        for report in aborted:  # named now: the report's head counts the backends that outlived their abort
+            view.connections[report.connection.index] = self._info(report)
         return view
+
+    def annotate(self, reports: Iterable[ConnectionReport], keep_all: bool = False) -> Iterator[ConnectionReport]:
+        """The second pass: each report as it goes by, its connection named in `view.connections` (after `prepare`).
+
+        Unless `keep_all`, a connection's entry leaves the view once the
+        consumer moves on when it holds no more than why no backend is
+        named: a long capture's report is written without a name held per
+        connection.
+        """
+        view = self.view
+        for report in reports:
+            if self._notes is None:  # the server could not be read: nothing to name
+                yield report
+                continue
+            index = report.connection.index
+            info = view.connections.get(index)
+            if info is None:
+                info = view.connections[index] = self._info(report)
+            yield report
+            if not keep_all and info.backend is None and not info.notes and info.after_abort is None:
+                view.connections.pop(index, None)
+
+    def _info(self, report: ConnectionReport) -> ConnectionPostgres:
+        """A connection named: after its backend now, else as last seen alive; its notes; its backend after an abort."""
+        assert self._notes is not None and self._matcher is not None
+        index = report.connection.index
+        info = self._matcher.match(report.connection)
+        info.notes.extend(self._notes.notes_for(report, info))
+        check = self._after_abort.get(index)
+        if check is not None:
+            info.after_abort = check
+        tracked = self.tracker.backend(index)
+        if info.backend is None and tracked is not None:
+            info.backend, info.reason = tracked, None  # as last seen alive
+        check = self.checks.get(index)
+        if check is not None:
+            info.after_abort = check
+        return info
 
     def close(self) -> None:
         if self.session is not None:

@@ -9,13 +9,14 @@ does not set the memory kaobs needs.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
-from typing import IO, Any, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any, Callable, Iterable, Sequence
 
 from rich.console import Console
 from rich.text import Text
@@ -56,6 +57,7 @@ def to_json(
 
 def write_json_streamed(
     out: IO[str], run: AnalysisRun, reports: Iterable[ConnectionReport], expectations: Expectations | None,
+    postgres: PostgresView | None = None,
 ) -> dict[str, int]:
     """Write what `echo_json(to_json(run, list(reports), expectations))` writes, holding one report at a time.
 
@@ -74,9 +76,9 @@ def write_json_streamed(
             spool.write("\n  " if total == 0 else ",\n  ")
             total += 1
             # Nested two levels deep; JSON strings hold no raw newline, so re-indenting is exact.
-            spool.write("".join(encoder.iterencode(_with_postgres(_connection_json(report), report, None)))
+            spool.write("".join(encoder.iterencode(_with_postgres(_connection_json(report), report, postgres)))
                         .replace("\n", "\n  "))
-        document = _document(run, {"connections": total, **counts}, expectations, None, [], path)
+        document = _document(run, {"connections": total, **counts}, expectations, postgres, [], path)
         head = "".join(encoder.iterencode(document))
         assert head.endswith('"connections": []\n}')
         if total == 0:
@@ -304,7 +306,7 @@ class Lines:
 
 def render_text(
     console: Console, run: AnalysisRun, reports: Iterable[ConnectionReport], expectations: Expectations | None,
-    postgres: PostgresView | None = None, options: TextOptions | None = None,
+    postgres: PostgresView | None = None, options: TextOptions | None = None, unlisted: Unlisted | None = None,
 ) -> dict[str, int]:
     """The text report; `reports` may be a generator (read once). Returns the verdict counts.
 
@@ -313,6 +315,8 @@ def render_text(
     `--all`. The report ends with the problem connections, worst first, and
     the totals. Only small summary lines are kept for that ending, and at
     most `TRIAGE_LIMIT` of each kind: memory does not grow with the capture.
+    `unlisted` counts connections judged earlier that this report would
+    only count (`kaobs watch` keeps no more of them: `Unlisted`).
     """
     options = options or TextOptions()
     out = Lines(console)
@@ -325,6 +329,11 @@ def render_text(
     legend = Legend()
     triage = Triage()
     path = PathSummary()
+    if unlisted is not None:
+        for verdict, number in unlisted.counts.items():
+            counts[verdict] += number
+        total, quiet, filtered = unlisted.total, unlisted.quiet, unlisted.filtered
+        path = copy.deepcopy(unlisted.path)
     for report in reports:
         counts[report.verdict] += 1
         total += 1
@@ -402,6 +411,44 @@ def is_listed(report: ConnectionReport, kinds: frozenset[str], options: TextOpti
     if options.only:
         return bool(kinds & options.only)
     return options.show_all or bool(kinds) or not _without_activity(report)
+
+
+@dataclass(slots=True)
+class Unlisted:
+    """Connections the text report only counts, counted as they were judged (so nothing else of them is kept).
+
+    What `render_text` does with a connection it does not list, done
+    beforehand: its verdict counted, its path evidence added, and whether
+    it was left out for being quiet or by --only/--connection.
+    """
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VERDICTS, 0))
+    total: int = 0
+    quiet: int = 0
+    filtered: int = 0
+    path: PathSummary = field(default_factory=PathSummary)
+
+    def add(self, report: ConnectionReport, options: TextOptions) -> None:
+        self.counts[report.verdict] += 1
+        self.total += 1
+        self.path.add(report.connection, report.path_cut)
+        if options.only or options.connection is not None:
+            self.filtered += 1
+        else:
+            self.quiet += 1
+
+
+def text_needs(options: TextOptions) -> Callable[[ConnectionReport], bool]:
+    """Whether the text report needs a connection's whole report: it lists it, or it is a problem (the triage).
+
+    The others are only counted (`Unlisted`); their kinds are all empty, so
+    the triage would not have shown them either.
+    """
+    def needs(report: ConnectionReport) -> bool:
+        kinds = report_kinds(report)
+        return bool(kinds) or is_listed(report, kinds, options)
+
+    return needs
 
 
 def _without_activity(report: ConnectionReport) -> bool:

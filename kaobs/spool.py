@@ -59,3 +59,51 @@ class ConnectionSpool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class ReportSpool:
+    """Judged reports (`ConnectionReport`s) of connections that left a live model, on a temporary file.
+
+    `kaobs watch` judges a connection as it retires and keeps nothing of it
+    in memory but 16 bytes here (its index and where its pickle starts), so
+    a run of weeks holds only its open connections; `reports` reads them
+    back in index order, as often as asked.
+    """
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile(prefix="kaobs-reports-")
+        self._indexes = array("q")
+        self._offsets = array("q")
+        self._end = 0
+        self._sorted = True
+
+    def __len__(self) -> int:
+        return len(self._indexes)
+
+    def put(self, report) -> None:
+        blob = pickle.dumps(report, pickle.HIGHEST_PROTOCOL)
+        index = report.connection.index
+        if self._indexes and index < self._indexes[-1]:
+            self._sorted = False  # a connection that lived longer retired after later ones
+        self._file.seek(self._end)
+        self._file.write(blob)
+        self._indexes.append(index)
+        self._offsets.append(self._end)
+        self._end += len(blob)
+
+    def order(self) -> array:
+        """Positions of the reports in index order (8 bytes each, made when asked)."""
+        if self._sorted:
+            return array("q", range(len(self._indexes)))
+        return array("q", sorted(range(len(self._indexes)), key=self._indexes.__getitem__))
+
+    def index_at(self, position: int) -> int:
+        return self._indexes[position]
+
+    def load(self, position: int):
+        self._file.seek(self._offsets[position])
+        end = self._offsets[position + 1] if position + 1 < len(self._offsets) else self._end
+        return pickle.loads(self._file.read(end - self._offsets[position]))
+
+    def close(self) -> None:
+        self._file.close()

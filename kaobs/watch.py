@@ -16,7 +16,8 @@ import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Sequence
+from array import array
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import click
 from rich.console import Console
@@ -25,8 +26,8 @@ from rich.live import Live
 from analysis.expect import Expectations
 from analysis.model import Connection, ModelEvent
 from analysis.outlook import ExpectationsFor, LiveMonitor
-from analysis.pipeline import Analysis, AnalysisRun, tally
-from analysis.verdict import ConnectionReport
+from analysis.pipeline import Analysis, AnalysisRun, judge_in_order
+from analysis.verdict import VERDICTS, ConnectionReport
 from analysis.words import local_clock
 from kaobs.liveview import BackendOf, LiveHeader, alarm_line, event_line, live_view, verdict_line
 from kaobs.options import (
@@ -44,9 +45,18 @@ from kaobs.options import (
     write_mode_option,
 )
 from kaobs.mermaid import write_mermaid
-from kaobs.report import echo_json, error_console, render_text, text_console, to_json
+from kaobs.report import (
+    TextOptions,
+    Unlisted,
+    error_console,
+    render_text,
+    text_console,
+    text_needs,
+    write_json_streamed,
+)
+from kaobs.spool import ReportSpool
 from kaobs.status import exit_status
-from sniffer.capture import LiveCapture
+from sniffer.capture import LiveCapture, Rotation
 from sniffer.records import CaptureError
 
 if TYPE_CHECKING:
@@ -79,7 +89,10 @@ def run_live(
     err: Console | None = None,
     on_judged: Callable[[ConnectionReport], None] | None = None,
     metrics: WatchMetrics | None = None,
-) -> tuple[AnalysisRun, list[ConnectionReport]]:
+    needs_report: Callable[[ConnectionReport], bool] | None = None,
+    text_options: TextOptions | None = None,
+    on_dropped: Callable[[Connection], None] | None = None,
+) -> tuple[AnalysisRun, "JudgedReports"]:
     """Feed the model from `capture` until `duration`, `stop`, or Ctrl-C; return the final run and reports.
 
     `output_format` "json" (or `quiet`) shows nothing live on `console`
@@ -95,10 +108,19 @@ def run_live(
     not the user's (kaobs's own --dsn session) are neither shown nor
     reported. `backend_of` names a connection's backend (--dsn).
 
-    `on_judged` is called once for each connection reported, as soon as its
-    final verdict is known (at the latest when the run ends). `metrics`
-    (--metrics) is given the model's events as they come and the capture's
-    counters a few times a second; its verdicts come through `on_judged`.
+    Memory stays bounded however long it runs: a connection that ended (and
+    saw nothing for a few seconds, see `KeepaliveModel`) is judged then,
+    with its own expectations, and leaves the model and the monitor for
+    good. `on_judged` sees every reported connection once, when its final
+    verdict is known: as it retires, or at the end for those still there.
+    A retired report goes to a temporary file (`ReportSpool`) when
+    `needs_report` says the final report needs it whole (default: all of
+    them), else it is only counted (`Unlisted`, by `text_options`) and
+    `on_dropped` hears of it. The reports returned merge both, by index.
+
+    `metrics` (--metrics) is given the model's events as they come and the
+    capture's counters a few times a second; its verdicts come through
+    `on_judged`.
     """
     console = console or text_console()
     err = err or error_console()
@@ -106,7 +128,35 @@ def run_live(
     started = capture.started or clock()
     deadline = None if duration is None else started + duration
     events: list[ModelEvent] = []
-    analysis = Analysis(ports, on_event=events.append, hz=hz)
+    verdicts: dict[int, str] = {}
+    counts = dict.fromkeys(VERDICTS, 0)
+    spool = ReportSpool()
+    unlisted = Unlisted()
+    options = text_options or TextOptions()
+
+    def retire(conn: Connection) -> None:
+        """A connection leaving the model for good: judged now, as the end of the run would judge it."""
+        verdicts.pop(conn.index, None)
+        if monitor.is_hidden(conn):
+            monitor.forget(conn)
+            if on_dropped is not None:
+                on_dropped(conn)
+            return
+        [report] = judge_in_order([conn], expectations, max(clock(), conn.end), hz, idle_cut, analysis.path,
+                                  monitor.expectations_of)
+        monitor.forget(conn)
+        counts[report.verdict] += 1
+        if on_judged is not None:
+            on_judged(report)
+        if needs_report is None or needs_report(report):
+            spool.put(report)
+        else:
+            unlisted.add(report, options)
+            if on_dropped is not None:
+                on_dropped(conn)
+
+    analysis = Analysis(ports, retired=_Retiring(retire), on_event=events.append, hz=hz, revive=False,
+                        linger=LINGER_S, linger_after_abort=LINGER_AFTER_ABORT_S)
     model = analysis.model
     monitor = LiveMonitor(model, expectations, hz, expectations_for=expectations_for, hidden=hide)
     header = LiveHeader(title=title, interfaces=capture.interfaces, filter=capture.filter, started=started)
@@ -114,7 +164,6 @@ def run_live(
         mode = "json"
     else:
         mode = "table" if console.is_terminal else "lines"
-    verdicts: dict[int, str] = {}
 
     def say(line: str, alarm: bool = False) -> None:
         if mode == "lines":
@@ -181,6 +230,7 @@ def run_live(
                 last_view = now
                 stats = capture.stats()
                 header.packets, header.segments, header.drops = stats.packets - stats.duplicates, stats.segments, stats.drops
+                header.ended = len(spool) + unlisted.total
                 live.update(live_view(header, model, monitor, now, console.height, backend_of), refresh=True)
     except KeyboardInterrupt:
         pass
@@ -213,16 +263,102 @@ def run_live(
             f"the kernel dropped {stats.drops} of {stats.kernel_packets} packets (receive buffer full): "
             "probes may be missing from this report")
     if mode == "lines":
+        seen = sum(1 for c in model.connections if not monitor.is_hidden(c)) + len(spool) + unlisted.total
         say(f"{local_clock(end)} stopped after {end - started:.1f} s: {stats.packets - stats.duplicates} packets, "
-            f"{stats.segments} TCP segments, {sum(1 for c in model.connections if not monitor.is_hidden(c))} connection(s)")
+            f"{stats.segments} TCP segments, {seen} connection(s)")
     reports = [report for report in analysis.reports(expectations, end, idle_cut, monitor.expectations_of)
                if hide is None or not hide(report.connection)]
     if metrics is not None:
         metrics.on_tick(model.connections, stats, end, monitor.is_hidden, final=True)
-    if on_judged is not None:
-        for report in reports:
+    for report in reports:
+        counts[report.verdict] += 1
+        if on_judged is not None:
             on_judged(report)
-    return run, reports
+    return run, JudgedReports(spool, reports, unlisted, counts)
+
+
+LINGER_S = 2.0
+"""How long an ended connection stays in a live model after its last packet (a FIN's retransmission, the last ACK)
+before it is judged and leaves: memory holds the open connections and those that ended this recently."""
+LINGER_AFTER_ABORT_S = 600.0
+"""How long a connection aborted by keepalive stays in a live model: its peer coming back later (and learning of the
+abort) is part of its story. Other ended connections leave after the model's linger (5 s of quiet)."""
+
+
+class _Retiring:
+    """A `RetiredStore` that keeps nothing: each connection is handed to `retire` (judged, reported) and gone."""
+
+    def __init__(self, retire: Callable[[Connection], None]) -> None:
+        self.put = retire
+
+    def get(self, index: int) -> Connection:  # pragma: no cover - the model does not revive (revive=False)
+        raise KeyError(index)
+
+    def holds(self, index: int) -> bool:
+        return False
+
+
+class JudgedReports(Sequence[ConnectionReport]):
+    """The final reports of a live run, by connection index: the retired ones read back from their spool, then merged
+    with those judged at the end. Iterating holds one report at a time (and may be repeated); `counts` tallies every
+    reported connection, the ones only counted (`unlisted`, for the text report) included.
+    """
+
+    def __init__(self, spool: ReportSpool, live: list[ConnectionReport], unlisted: Unlisted,
+                 counts: dict[str, int]) -> None:
+        self.spool = spool
+        self.live = live
+        self.unlisted = unlisted
+        self.counts = counts
+        self._order = spool.order() if len(spool) else array("q")
+        self._plan: array | None = None
+
+    @property
+    def retired(self) -> int:
+        """Connections judged as they retired (whole reports on the spool, or only counted)."""
+        return len(self.spool) + self.unlisted.total
+
+    def __len__(self) -> int:
+        return len(self._order) + len(self.live)
+
+    def _merged(self) -> array:
+        """Per place in index order: a spool position (>= 0) or -1 - a place in `live`."""
+        if self._plan is None:
+            plan = array("q")
+            order, live, spool = self._order, self.live, self.spool
+            i = j = 0
+            while i < len(order) or j < len(live):
+                if j >= len(live) or (i < len(order) and spool.index_at(order[i]) < live[j].connection.index):
+                    plan.append(order[i])
+                    i += 1
+                else:
+                    plan.append(-1 - j)
+                    j += 1
+            self._plan = plan
+        return self._plan
+
+    def _at(self, place: int) -> ConnectionReport:
+        where = self._merged()[place]
+        return self.live[-1 - where] if where < 0 else self.spool.load(where)
+
+    def __getitem__(self, place):  # type: ignore[override]
+        if isinstance(place, slice):
+            return [self._at(i) for i in range(*place.indices(len(self)))]
+        if place < 0:
+            place += len(self)
+        if not 0 <= place < len(self):
+            raise IndexError(place)
+        return self._at(place)
+
+    def __iter__(self) -> Iterator[ConnectionReport]:
+        if not len(self._order):
+            yield from self.live
+            return
+        for place in range(len(self)):
+            yield self._at(place)
+
+    def close(self) -> None:
+        self.spool.close()
 
 
 def _say_verdicts(connections: Sequence[Connection], monitor: LiveMonitor, now: float, said: dict[int, str],
@@ -284,6 +420,21 @@ def set_priority(niceness: int) -> None:
         pass  # no autogroup scheduling: the process priority is all there is
 
 
+def _rotation(write_path: str | None, file_size: float | None, seconds: float | None,
+              file_count: int | None) -> Rotation | None:
+    """tcpdump's -C/-G/-W for --write, checked: each needs what it rotates."""
+    given = [name for name, value in (("--file-size", file_size), ("--rotate-seconds", seconds),
+                                      ("--file-count", file_count)) if value is not None]
+    if not given:
+        return None
+    if not write_path:
+        raise UserError(f"{given[0]} rotates the --write file: give --write FILE.pcap")
+    if file_count is not None and file_size is None and seconds is None:
+        raise UserError("--file-count needs --file-size or --rotate-seconds: it bounds the files they start")
+    size = None if file_size is None else max(1, round(file_size * 1_000_000))
+    return Rotation(size, seconds, file_count)
+
+
 @click.command(short_help="Watch live Postgres traffic, then print the report.")
 @click.argument("expression_words", nargs=-1, metavar="[EXPRESSION]")
 @click.option("--interface", "-i", "interfaces", multiple=True, metavar="IF",
@@ -292,11 +443,20 @@ def set_priority(niceness: int) -> None:
               help="Capture the traffic of this Docker container (its bridge, filtered on its address).")
 @click.option("--network", metavar="NAME", help="Capture on this Docker network's bridge.")
 @expectation_options
-@click.option("--duration", type=FiniteFloatRange(min=0.1), metavar="S",
-              help="Stop after S seconds (default: until Ctrl-C or SIGTERM).")
+@click.option("--duration", type=FiniteFloatRange(min=0.0), metavar="S",
+              help="Stop after S seconds; 0 (the default): run until Ctrl-C or SIGTERM, then print the report.")
 @click.option("--write", "-w", "write_path", metavar="FILE.pcap", type=click.Path(dir_okay=False),
               help="Keep the capture in a pcap file: headers only unless --full-packets.")
 @click.option("--full-packets", is_flag=True, help="With --write, keep whole packets (query text, passwords!).")
+@click.option("--file-size", "-C", "file_size", type=FiniteFloatRange(min=0.0, min_open=True), metavar="MB",
+              help="With --write, as tcpdump -C: start a new file before one would pass MB million bytes; the next "
+                   "ones are FILE1, FILE2, ...")
+@click.option("--rotate-seconds", "-G", "rotate_seconds", type=FiniteFloatRange(min=0.0, min_open=True), metavar="S",
+              help="With --write, as tcpdump -G: a new file every S seconds, its name FILE through strftime "
+                   "(e.g. -w 'pg-%Y%m%d-%H%M%S.pcap'; local time).")
+@click.option("--file-count", "-W", "file_count", type=click.IntRange(min=1), metavar="N",
+              help="With --file-size or --rotate-seconds, as tcpdump -W: keep at most N files, deleting the oldest "
+                   "(with --file-size: FILE0 ... FILE<N-1>, written over in a ring).")
 @write_mode_option
 @click.option("--dsn", metavar="CONNINFO",
               help="Read the server's settings and sessions over TCP: name connections, check backends after aborts.")
@@ -306,7 +466,8 @@ def set_priority(niceness: int) -> None:
 @metrics_options
 @output_options
 def watch(expression_words, interfaces, container, network, expect, client_dsn, sysctls, ports, hz, output_format,
-          duration, write_path, full_packets, write_mode=0o600, dsn=None, niceness=0, idle_cut=None, only=(),
+          duration, write_path, full_packets, file_size=None, rotate_seconds=None, file_count=None,
+          write_mode=0o600, dsn=None, niceness=0, idle_cut=None, only=(),
           summary=False, show_all=False, quiet=False, color="auto", connection=None, html=None,
           metrics_address=None, metrics_linger=0.0) -> None:
     """Watch live Postgres traffic: probes, answers, aborts and alarms as they happen, then the report.
@@ -321,8 +482,11 @@ def watch(expression_words, interfaces, container, network, expect, client_dsn, 
     output = make_output(output_format, only, summary, show_all, quiet, color, connection, html)
     expectations = make_expectations(expect, client_dsn, sysctls)
     expression = filter_expression(expression_words)
+    if duration is not None and duration <= 0:
+        duration = None  # until stopped, as tcpdump runs
     if full_packets and not write_path:
         raise UserError("--full-packets only makes sense with --write FILE.pcap")
+    rotation = _rotation(write_path, file_size, rotate_seconds, file_count)
     if os.geteuid() != 0:
         raise UserError("live capture needs root (CAP_NET_RAW): run kaobs watch as root, or analyze a capture file")
     try:
@@ -354,9 +518,12 @@ def watch(expression_words, interfaces, container, network, expect, client_dsn, 
         set_priority(niceness)
     stop = threading.Event()
     capture = LiveCapture(target.interfaces, ports, write=write_path, full_packets=full_packets, hosts=target.hosts,
-                          expression=expression, write_mode=write_mode)
+                          expression=expression, write_mode=write_mode, rotation=rotation)
     restore = install_stop_handlers(stop, capture.stop)
     console = text_console(color)
+    # A long run keeps whole only the reports its final report shows: the text report lists the connections with
+    # keepalive activity and counts the rest; the JSON, the HTML page and the diagram's choice need every one.
+    needs = text_needs(output.text) if output_format == "text" and output.html is None else None
     try:
         with capture:
             run, reports = run_live(
@@ -365,7 +532,8 @@ def watch(expression_words, interfaces, container, network, expect, client_dsn, 
                 on_tick=postgres.tick_lines if postgres is not None else None, idle_cut=idle_cut,
                 hide=postgres.is_own if postgres is not None else None,
                 backend_of=postgres.backend_of if postgres is not None else None,
-                quiet=quiet, err=error_console(color), metrics=metrics,
+                quiet=quiet, err=error_console(color), needs_report=needs, text_options=output.text,
+                on_dropped=postgres.forget if postgres is not None else None, metrics=metrics,
                 on_judged=metrics.on_judged if metrics is not None else None)
     except CaptureError as error:
         raise UserError(str(error)) from None
@@ -374,28 +542,33 @@ def watch(expression_words, interfaces, container, network, expect, client_dsn, 
     if expression is not None:
         run.filter = {"expression": expression, "since": None, "until": None, "filtered_out": None}
     view = None
+    shown: Callable[[], Iterable[ConnectionReport]] = lambda: reports  # noqa: E731 - each pass reads them again
     if postgres is not None:
-        view = postgres.finish(reports)
+        view = postgres.prepare(reports)  # then each pass names the connections as they go by
+        shown = lambda: postgres.annotate(reports)  # noqa: E731
         postgres.close()
     try:
         if output_format == "json":
-            echo_json(to_json(run, reports, expectations, view))
+            write_json_streamed(sys.stdout, run, shown(), expectations, view)
         elif output_format == "mermaid":
-            write_mermaid(sys.stdout, reports, output.text, source=target.description, postgres=view)
+            write_mermaid(sys.stdout, shown(), output.text, source=target.description, postgres=view)
         else:
             if not console.is_terminal and not quiet:
                 console.print()
-            render_text(console, run, reports, expectations, view, options=output.text)
+            render_text(console, run, shown(), expectations, view, options=output.text, unlisted=reports.unlisted)
             if view is not None and view.own_session is not None:
                 console.print(f"kaobs's own --dsn session (#{view.own_session['connection']}, client "
                               f"{view.own_session['client']}) is left out", style="dim", markup=False, highlight=False)
             if write_path:
-                console.print(f"capture written to {write_path} ({'whole packets' if full_packets else 'headers only'})")
+                files = capture.written_files
+                what = files[-1] if len(files) == 1 else f"{len(files)} files, the last {files[-1]}"
+                console.print(f"capture written to {what} ({'whole packets' if full_packets else 'headers only'})")
     except BrokenPipeError:
         stdout_closed()  # `kaobs watch | head`: the watch itself stands
-    write_html_file(output, run, reports, expectations, f"kaobs watch: {target.description}", view)
+    write_html_file(output, run, shown(), expectations, f"kaobs watch: {target.description}", view)
+    reports.close()
     if server is not None:
         from kaobs.metrics import end_metrics, metrics_say
 
         end_metrics(server, metrics_linger, metrics_say(quiet, server.address))
-    sys.exit(exit_status(tally(reports), view))
+    sys.exit(exit_status(reports.counts, view))

@@ -135,6 +135,22 @@ class _Tap:
         self.index = index
 
 
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    """How `--write` spreads a long capture over files, as tcpdump's -C, -G and -W (`RotatingPcapWriter`)."""
+
+    file_size: int | None = None
+    """-C: bytes a file may hold (tcpdump counts millions of bytes)."""
+    seconds: float | None = None
+    """-G: a new file every this many seconds (the name through strftime)."""
+    file_count: int | None = None
+    """-W: at most this many files are kept."""
+
+    @property
+    def rotates(self) -> bool:
+        return bool(self.file_size or self.seconds)
+
 class LiveCapture:
     """Records of the server ports' TCP segments on live interfaces; a context manager and an iterator.
 
@@ -161,6 +177,7 @@ class LiveCapture:
         rcvbuf: int = RCVBUF_BYTES,
         expression: str | None = None,
         write_mode: int = 0o600,
+        rotation: Rotation | None = None,
     ) -> None:
         if not interfaces:
             raise CaptureError("no interface to capture on")
@@ -172,6 +189,7 @@ class LiveCapture:
             self.filter = f"({self.filter}) and ({expression})"
         self.write_mode = write_mode
         self.write_path = write
+        self.rotation = rotation
         self.full_packets = full_packets
         self.duration = duration
         self.rcvbuf = rcvbuf
@@ -179,6 +197,7 @@ class LiveCapture:
         self.started: float | None = None
         self._taps: list[_Tap] = []
         self._writer = None
+        self._writer_seen = None  # the writer, still known after close (for written_files)
         self._stop = threading.Event()
         self._wake_r, self._wake_w = -1, -1
         self._stats = LiveStats()
@@ -193,6 +212,14 @@ class LiveCapture:
         """Why an interface is read through the plain socket rather than a ring (see `path`)."""
         self._buffer = bytearray(MAX_FRAME)
         self._view = memoryview(self._buffer)
+
+    @property
+    def written_files(self) -> list[str]:
+        """The pcap files --write left (several with a rotation), oldest first."""
+        writer = self._writer_seen
+        if writer is None:
+            return [self.write_path] if self.write_path else []
+        return list(getattr(writer, "files", [self.write_path]))
 
     # -- opening and closing ---------------------------------------------------
 
@@ -210,14 +237,21 @@ class LiveCapture:
             self.linktype = self._taps[0].linktype
             if self.write_path:
                 try:
-                    from sniffer.pcapwrite import PcapWriter
+                    from sniffer.pcapwrite import PcapWriter, RotatingPcapWriter
                 except ImportError as error:  # pragma: no cover - shipped with kaobs
                     raise CaptureError(f"cannot write pcap files: {error}") from None
                 try:
-                    self._writer = PcapWriter(self.write_path, self.linktype, MAX_FRAME, flush_every=64,
-                                              mode=self.write_mode)
+                    if self.rotation is not None and self.rotation.rotates:
+                        self._writer = RotatingPcapWriter(
+                            self.write_path, self.linktype, MAX_FRAME, flush_every=64, mode=self.write_mode,
+                            file_size=self.rotation.file_size, rotate_seconds=self.rotation.seconds,
+                            file_count=self.rotation.file_count)
+                    else:
+                        self._writer = PcapWriter(self.write_path, self.linktype, MAX_FRAME, flush_every=64,
+                                                  mode=self.write_mode)
                 except OSError as error:
                     raise CaptureError(f"cannot write {self.write_path}: {error.strerror or error}") from None
+            self._writer_seen = self._writer
             self._wake_r, self._wake_w = os.pipe()
             os.set_blocking(self._wake_r, False)
             os.set_blocking(self._wake_w, False)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time as time_module
 from struct import Struct
 from types import TracebackType
 
@@ -241,3 +242,120 @@ def strip_payloads(src: str | os.PathLike, dst: str | os.PathLike, *, warn: Warn
             pass
         raise
     return stats
+
+
+class RotatingPcapWriter:
+    """`PcapWriter` over a series of files, as ``tcpdump -w FILE -C MB -G S -W N`` writes them, so a long capture
+    does not fill the disk.
+
+    * `file_size` (bytes; tcpdump's -C counts millions): a new file before
+      a record that would take the current one past it (tcpdump starts one
+      once the file is already past it: at most one record smaller here).
+      Files after the first are FILE1, FILE2, ...
+    * `rotate_seconds` (-G): a new file once a packet's time is that far
+      past the current file's start (intervals of `rotate_seconds` from the
+      first); the name is `path` through strftime(3) with the local time of
+      the interval's start. With `file_size` too, FILE<count>
+      (the count restarts at each time rotation, the first one unnumbered).
+    * `file_count` (-W): at most that many files stay. With `file_size` the
+      names are numbered from 0, zero-padded to sort, and reused in a ring
+      (tcpdump's rotating buffer); with `rotate_seconds` alone the oldest
+      file is deleted (tcpdump would stop the capture instead: a watch is
+      meant to run on).
+
+    Every file is a whole pcap (header first, whole records only), written
+    with `mode`; `files` lists those written and not deleted, oldest first.
+    `start` is when the first file's interval begins (default: now; packet
+    times are wall-clock times).
+    """
+
+    def __init__(self, path: str, linktype: int, snaplen: int = DEFAULT_SNAPLEN, *, nsec: bool = False,
+                 flush_every: int = 1, mode: int = PRIVATE_MODE, file_size: int | None = None,
+                 rotate_seconds: float | None = None, file_count: int | None = None,
+                 start: float | None = None) -> None:
+        self.pattern = path
+        self.linktype, self.snaplen, self.nsec = linktype, snaplen, nsec
+        self.flush_every, self.mode = flush_every, mode
+        self.file_size, self.rotate_seconds, self.file_count = file_size, rotate_seconds, file_count
+        self._digits = len(str(file_count)) if file_count and file_size else 0
+        self._count = 0  # the -C number of the current file
+        self._started = time_module.time() if start is None else start  # -G: start of the current file's interval
+        self._size = 0
+        self.records = 0
+        self.bytes_dropped = 0
+        self.files: list[str] = []
+        self._writer: PcapWriter | None = None
+        # The first file exists from the start, as tcpdump's (a capture that sees no packet leaves a valid pcap).
+        self._open(self._started)
+
+    @property
+    def name(self) -> str:
+        return self.files[-1]
+
+    @property
+    def closed(self) -> bool:
+        return self._writer is None or self._writer.closed
+
+    def _name(self, t: float | None) -> str:
+        base = self.pattern
+        if self.rotate_seconds and t is not None:
+            base = time_module.strftime(self.pattern, time_module.localtime(t))
+        if self._count == 0 and not self._digits:
+            return base
+        return f"{base}{self._count:0{self._digits}d}"
+
+    def _open(self, t: float | None) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self.bytes_dropped += self._writer.bytes_dropped
+        name = self._name(t)
+        self._writer = PcapWriter(name, self.linktype, self.snaplen, nsec=self.nsec, flush_every=self.flush_every,
+                                  mode=self.mode)
+        self._size = _FILE_HEADER.size
+        if name in self.files:
+            self.files.remove(name)  # written over (the ring, or a name the time pattern gave again)
+        self.files.append(name)
+        while self.file_count and len(self.files) > self.file_count:
+            oldest = self.files.pop(0)
+            try:
+                os.unlink(oldest)
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                raise CaptureError(f"cannot delete {oldest} (--file-count): {error.strerror or error}") from None
+
+    def write(self, frame: bytes | bytearray | memoryview, t: float, wirelen: int | None = None,
+              full: bool = False) -> int:
+        if self.rotate_seconds:
+            if t - self._started >= self.rotate_seconds:
+                self._started += (t - self._started) // self.rotate_seconds * self.rotate_seconds
+                self._count = 0
+                self._open(self._started)
+        if self.file_size:
+            size = len(frame)
+            keep = min(size if full else frame_snap_end(self.linktype, frame), self.snaplen)
+            if self._size > _FILE_HEADER.size and self._size + _RECORD_HEADER.size + keep > self.file_size:
+                self._count += 1
+                if self.file_count and self._count >= self.file_count:
+                    self._count = 0
+                self._open(self._started)  # -G's name stays the interval's
+        assert self._writer is not None
+        kept = self._writer.write(frame, t, wirelen, full)
+        self._size += _RECORD_HEADER.size + kept
+        self.records += 1
+        return kept
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None and not self._writer.closed:
+            self._writer.close()
+            self.bytes_dropped += self._writer.bytes_dropped
+
+    def __enter__(self) -> "RotatingPcapWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
