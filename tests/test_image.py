@@ -141,3 +141,48 @@ def test_watch_in_the_image_finds_a_container_through_the_read_only_socket(kaobs
     assert doc["input"]["sources"][0].startswith("live:br-"), doc["input"]
     [conn] = doc["connections"]
     assert conn["end_reason"] == "keepalive_abort" and conn["verdict"] == "match", conn["verdict"]
+
+
+def test_the_daemonsets_command_runs_in_the_image_as_kubernetes_would_run_it(kaobs_image, tmp_path):
+    """The manifest's arguments, securityContext and /tmp emptyDir, as `docker run` options; metrics scraped."""
+    import urllib.request
+
+    import yaml
+
+    manifest = ROOT / "deploy" / "kubernetes" / "kaobs-daemonset.yaml"
+    [daemonset] = [doc for doc in yaml.safe_load_all(manifest.read_text()) if doc["kind"] == "DaemonSet"]
+    [container] = daemonset["spec"]["template"]["spec"]["containers"]
+    security = container["securityContext"]
+    options = ["--network", "host", "--user", str(security["runAsUser"]),
+               *[arg for cap in security["capabilities"]["drop"] for arg in ("--cap-drop", cap)],
+               *[arg for cap in security["capabilities"]["add"] for arg in ("--cap-add", cap)],
+               "--security-opt", "no-new-privileges", "--tmpfs", "/tmp"]
+    if security["readOnlyRootFilesystem"]:
+        options.append("--read-only")
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    args = list(container["args"])
+    args[args.index("--metrics") + 1] = f"127.0.0.1:{port}"  # the pod's 0.0.0.0:9432, on a free port here
+    name = f"kaobs-test-image-{uuid.uuid4().hex[:10]}"
+    docker("run", "-d", "--name", name, "--label", f"{LABEL}={name}", *options, kaobs_image, *args)
+    try:
+        deadline = time.time() + 30
+        page = ""
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as answer:
+                    page = answer.read().decode()
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert "kaobs_captured_packets_total" in page, docker("logs", name, check=False).stderr[-1000:]
+        assert docker("inspect", "-f", "{{.State.Running}}", name).stdout.strip() == "true"
+        docker("kill", "--signal", "TERM", name)
+        docker("wait", name, timeout=30)
+        logs = docker("logs", name, check=False)
+        assert docker("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip() in ("0", "1"), logs.stderr
+        assert "watching any" in logs.stdout and "Traceback" not in logs.stderr, (logs.stdout[-500:], logs.stderr[-500:])
+    finally:
+        docker("rm", "-f", name, check=False)
