@@ -35,7 +35,7 @@ from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 
 from analysis.expect import Expectations
 from analysis.model import KEEPALIVE, WINDOW, Connection, ModelEvent
-from analysis.settings import BY_KEY, CLIENT, SERVER, SETTINGS, SIDES, setting_name
+from analysis.settings import BY_KEY, SETTINGS, SIDES, setting_name
 from analysis.verdict import MISMATCH, VERDICTS, ConnectionReport
 from kaobs.episode import idle_before_death
 from sniffer.capture import LiveStats
