@@ -52,6 +52,9 @@ COPY captures /kaobs/captures
 COPY bench /kaobs/bench
 COPY scripts /kaobs/scripts
 COPY docs /kaobs/docs
+COPY deploy /kaobs/deploy
+COPY examples /kaobs/examples
+COPY .ci /kaobs/.ci
 WORKDIR /kaobs
 ENTRYPOINT []
 CMD ["python3", "-m", "pytest", "-q", "-ra", "-m", "privileged"]

@@ -80,3 +80,16 @@ def test_example_runs_the_suite_as_test_in_container_does(name):
         assert re.search(re.escape(flag) + (r"\s+" + re.escape(value) if value else r"\b"), SCRIPT), wanted
     assert suite[-6:] == ["python3", "-m", "pytest", "-q", "-ra", "-m", "privileged"][-6:]
     assert "-m privileged" in SCRIPT and "kaobs/kaobs-test:local" in SCRIPT
+
+
+def test_the_test_image_carries_the_whole_repository():
+    """The test stage copies every top-level file and folder a clone has (a missing one failed in the image only)."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    tops = {path.split("/")[0] for path in tracked} - {".dockerignore", ".gitignore"}
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    stage = dockerfile[dockerfile.index("AS test"):]
+    copied = set()
+    for line in stage.splitlines():
+        if line.startswith("COPY ") and line.split()[-1].startswith("/kaobs"):
+            copied.update(line.split()[1:-1])
+    assert tops - copied == set()
