@@ -46,7 +46,7 @@ from typing import Iterator, Sequence
 
 from sniffer.dedupe import CopyFilter
 from sniffer.discovery import ANY, interface_exists
-from sniffer.dissect import LINKTYPE_ETHERNET, LINKTYPE_RAW, make_dissector
+from sniffer.dissect import ARPHRD_LINKTYPE, ARPHRD_LOOPBACK, make_dissector
 from sniffer.records import CaptureError, Record
 
 SOL_PACKET = 263
@@ -66,15 +66,6 @@ _DRAIN_BATCH = 512
 _RING_BLOCKS_PER_READ = 8
 """Ring blocks (~4000 frames each) turned into records before the caller gets them."""
 
-# ARPHRD_* -> pcap link type of what an AF_PACKET SOCK_RAW socket reads.
-_ARPHRD_LINKTYPE = {
-    1: LINKTYPE_ETHERNET,  # ARPHRD_ETHER
-    772: LINKTYPE_ETHERNET,  # ARPHRD_LOOPBACK: a zeroed Ethernet header
-    65534: LINKTYPE_RAW,  # ARPHRD_NONE: tun, wireguard
-    776: LINKTYPE_RAW,  # ARPHRD_SIT
-    778: LINKTYPE_RAW,  # ARPHRD_IPGRE
-}
-_ARPHRD_LOOPBACK = 772
 _TIMESPEC = struct.Struct("qq")  # struct timespec of SO_TIMESTAMPNS on 64-bit Linux
 _ANCILLARY_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
 PACKET_AUXDATA = 8
@@ -301,7 +292,7 @@ class LiveCapture:
             # ancillary item per packet fewer is measurably faster.
             sock.ins.setsockopt(SOL_PACKET, PACKET_AUXDATA, 0)
             hatype = sock.ins.getsockname()[3]
-            linktype = _ARPHRD_LINKTYPE.get(hatype)
+            linktype = ARPHRD_LINKTYPE.get(hatype)
             if linktype is None:
                 raise CaptureError(f"cannot capture on {interface}: unsupported hardware type {hatype}")
             _read_kernel_stats(sock.ins)  # reading resets the counters: start from zero
@@ -309,7 +300,7 @@ class LiveCapture:
             sock.close()
             raise
         # copies across interfaces are told apart by interface index, as the ring reports it
-        return _Tap(interface, sock, linktype, hatype == _ARPHRD_LOOPBACK, socket.if_nametoindex(interface))
+        return _Tap(interface, sock, linktype, hatype == ARPHRD_LOOPBACK, socket.if_nametoindex(interface))
 
     def _open_ring(self, interface: str, index: int) -> _Tap | None:
         """A tap reading a TPACKET_V3 ring (`sniffer.ring`): one wake-up per block, not a syscall per packet.

@@ -41,6 +41,16 @@ LINKTYPE_IPV4 = 228
 LINKTYPE_IPV6 = 229
 LINKTYPE_LINUX_SLL2 = 276
 
+ARPHRD_LOOPBACK = 772
+ARPHRD_LINKTYPE = {
+    1: LINKTYPE_ETHERNET,  # ARPHRD_ETHER
+    ARPHRD_LOOPBACK: LINKTYPE_ETHERNET,  # a zeroed Ethernet header
+    65534: LINKTYPE_RAW,  # ARPHRD_NONE: tun, wireguard
+    776: LINKTYPE_RAW,  # ARPHRD_SIT
+    778: LINKTYPE_RAW,  # ARPHRD_IPGRE
+}
+"""ARPHRD_* (an interface's hardware type) -> pcap link type of what an AF_PACKET SOCK_RAW socket reads on it."""
+
 Dissector = Callable[..., "Record | None"]
 """``dissect(buf, off, end, frame, t, wirelen=0) -> Record | None``."""
 

@@ -41,7 +41,7 @@ import struct
 from typing import Callable
 
 from sniffer.discovery import ANY
-from sniffer.dissect import LINKTYPE_ETHERNET, LINKTYPE_RAW, make_dissector
+from sniffer.dissect import ARPHRD_LINKTYPE, ARPHRD_LOOPBACK, LINKTYPE_RAW, make_dissector
 
 SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP = 1
@@ -171,8 +171,7 @@ class PacketRing:
     """
 
     def __init__(self, interface: str, bpf: str, *, snaplen: int = SNAPLEN, block_size: int = BLOCK_SIZE,
-                 block_count: int = BLOCK_COUNT, timeout_ms: int = BLOCK_TIMEOUT_MS, promisc: bool = True,
-                 linktype_of: Callable[[int], int | None] | None = None) -> None:
+                 block_count: int = BLOCK_COUNT, timeout_ms: int = BLOCK_TIMEOUT_MS, promisc: bool = True) -> None:
         self.interface = interface
         self.snaplen = snaplen
         self.block_size = block_size
@@ -216,8 +215,8 @@ class PacketRing:
             self.close()
             raise RingUnavailable(f"no TPACKET_V3 ring on {interface}: {error.strerror or error}") from None
         self.ifindex = ifindex
-        self.loopback = self.hatype == 772
-        self.linktype = LINKTYPE_RAW if self.all_interfaces else (linktype_of or _default_linktype)(self.hatype)
+        self.loopback = self.hatype == ARPHRD_LOOPBACK
+        self.linktype = LINKTYPE_RAW if self.all_interfaces else ARPHRD_LINKTYPE.get(self.hatype)
         if self.linktype is None:
             self.close()
             raise RingUnavailable(f"unsupported hardware type {self.hatype} on {interface}")
@@ -313,11 +312,6 @@ def _loopback_index() -> int:
         return socket.if_nametoindex("lo")
     except OSError:
         return -1
-
-
-def _default_linktype(hatype: int) -> int | None:
-    return {1: LINKTYPE_ETHERNET, 772: LINKTYPE_ETHERNET, 65534: LINKTYPE_RAW, 776: LINKTYPE_RAW,
-            778: LINKTYPE_RAW}.get(hatype)
 
 
 def ring_disabled() -> bool:
