@@ -143,7 +143,7 @@ def test_watch_in_the_image_finds_a_container_through_the_read_only_socket(kaobs
     assert conn["end_reason"] == "keepalive_abort" and conn["verdict"] == "match", conn["verdict"]
 
 
-def test_the_daemonsets_command_runs_in_the_image_as_kubernetes_would_run_it(kaobs_image, tmp_path):
+def test_the_daemonsets_command_runs_in_the_image_as_kubernetes_would_run_it(kaobs_image):
     """The manifest's arguments, securityContext and /tmp emptyDir, as `docker run` options; metrics scraped."""
     import urllib.request
 
